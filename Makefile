@@ -1,0 +1,34 @@
+# moe-jax: `make test` (the test suite) and `make demo` (the main job).
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= test
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
+comma := ,
+PYTEST_ARGS ?= -q -n 2
+
+.PHONY: test demo bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): setup.py | $(PY)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# Until the trainer exists, the main job is the MoE layer benchmark.
+demo: $(STAMP)
+	$(PY) benchmarks/moe_layer.py --tokens 4096 --d_model 512 --d_ff 2048 \
+	  --experts 8,32,128 --topk 2 --capacity_factor 1.25 --capacity_scales_with_k \
+	  --group_size 1024 --dispatch einsum,sorted,dropless
+
+bench: demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Leaf Flax modules: embeddings, MLPs, attention, routers, dispatch, MoE."""

@@ -1,0 +1,14 @@
+"""Type aliases shared across moe_jax."""
+
+from typing import Any, Callable, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+PRNGKey = jax.Array
+Shape = Sequence[int]
+Initializer = Callable[[PRNGKey, Shape, DType], Array]
+LogicalAxes = Tuple[Union[str, None], ...]
+Float32 = jnp.float32

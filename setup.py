@@ -1,0 +1,46 @@
+"""Install moe-jax (the framework, `moe_jax`) and its task registry (`moe_jax_tasks`)."""
+
+import setuptools
+
+setuptools.setup(
+    name="moe-jax",
+    version="0.1.0",
+    description=(
+        "Sparse Mixture-of-Experts encoder-decoder models in JAX/Flax, "
+        "t5x-style, with the Flan 2022 seqio registry."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=(
+        setuptools.find_packages(include=["moe_jax", "moe_jax.*"])
+        + ["moe_jax_tasks"]
+        + [
+            "moe_jax_tasks." + p
+            for p in setuptools.find_packages(where="tasks")
+        ]
+    ),
+    package_dir={"moe_jax_tasks": "tasks"},
+    package_data={"moe_jax_tasks": ["catalog/*.txt", "catalog/*.tsv", "sample/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.4.35,<0.12",
+        "flax>=0.10,<0.14",
+        "optax>=0.2.3,<0.4",
+        "orbax-checkpoint>=0.10,<0.14",
+        "gin-config>=0.5,<0.6",
+        "seqio>=0.0.19",
+        "tensorflow-cpu>=2.16,<2.23",
+        "tensorflow-text>=2.16,<2.23",
+        "tensorflow-datasets>=4.9,<4.11",
+        "clu>=0.0.12",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "hf": ["torch==2.13.0", "transformers>=4.44,<6", "safetensors>=0.4"],
+    },
+    entry_points={},
+)
