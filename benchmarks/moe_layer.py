@@ -111,13 +111,13 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str,
       rngs={"gating": jax.random.PRNGKey(1)}))(variables, x)
   metrics = moe.collect_moe_metrics(state["intermediates"])
   moe_ms = _timed_grad(layer, variables, x, _sum_outputs, args.repeats, enable_dropout=True)
-  groups, group_size = layer.group_shape(args.tokens)
+  groups, group_size = layer.group_shape(*x.shape[:2])
   if (num_experts, k) not in bounds:
     bounds[(num_experts, k)] = expert_bound_ms(args, num_experts, k)
   if k not in bounds:
     bounds[k] = dense_equiv_ms(args, k)
   capacity = (None if dispatch_mode == "dropless"
-              else layer.expert_capacity(group_size, train=True))
+              else layer.capacity(group_size, train=True))
   return {
       "dispatch": dispatch_mode,
       "router": args.router,

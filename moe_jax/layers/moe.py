@@ -164,11 +164,17 @@ class MoeLayer(nn.Module):
       expert-parallel degree; tokens are padded to fill G equal groups (the
       padding is never routed and is sliced off the output).
     num_groups: fixes G instead (must divide by `num_expert_partitions`).
+    group_by_sequence: make every sequence (batch row) its own group, whatever
+      its length, as Hugging Face's Switch Transformers does; needed to
+      reproduce those checkpoints' token dropping exactly.
     train_capacity_factor / eval_capacity_factor: per-group expert capacity
       C = max(round(cf * group_size / E), min_expert_capacity) (x k with
       `capacity_scales_with_k`), capped at the group size. Training uses the
       first (when `enable_dropout`), evaluation and decoding the second.
     min_expert_capacity: lower bound of C.
+    expert_capacity: if set, C is exactly this (capped at the group size),
+      ignoring the capacity factors: Hugging Face Switch checkpoints use a
+      fixed capacity per sequence.
     capacity_scales_with_k: multiply C by the router's k. Off by default, as
       in the reference (Mesh-TF / flaxformer), where top-2 routers share a
       top-1 sized buffer and second choices drop first.
@@ -196,9 +202,11 @@ class MoeLayer(nn.Module):
   use_bias: bool = False
   max_group_size: int = 4096
   num_groups: Optional[int] = None
+  group_by_sequence: bool = False
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
+  expert_capacity: Optional[int] = None
   capacity_scales_with_k: bool = False
   dispatch: str = "sorted"
   dropless_backend: str = "auto"
@@ -239,12 +247,21 @@ class MoeLayer(nn.Module):
           f"expert-parallel degree num_expert_partitions={self.num_expert_partitions}, "
           "so that every expert shard receives whole groups; change num_groups or "
           "leave it unset to derive it from max_group_size.")
+    if self.group_by_sequence and self.num_groups is not None:
+      raise ValueError("Set either group_by_sequence or num_groups, not both.")
+    if self.expert_capacity is not None and self.expert_capacity < 1:
+      raise ValueError(f"expert_capacity must be >= 1, got {self.expert_capacity}.")
     if self.max_group_size < 1:
       raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}.")
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
     self.router.validate(self.num_experts)
+    # Adopt the router as `router/` even when it was built inside a parent's
+    # compact method (as gin does), which would otherwise make it the
+    # parent's child.
+    self._router = (self.router if self.router.parent is self
+                    else self.router.clone(parent=self, name="router"))
     self.expert = Experts(
         num_experts=self.num_experts, mlp_dim=self.expert_mlp_dim,
         activations=self.activations, dropout_rate=self.expert_dropout_rate,
@@ -255,16 +272,21 @@ class MoeLayer(nn.Module):
     """k: experts per token (1 for expert choice, whose k varies per token)."""
     return getattr(self.router, "num_selected_experts", 1)
 
-  def group_shape(self, num_tokens: int) -> tuple:
-    """(num_groups, group_size) for `num_tokens` tokens."""
+  def group_shape(self, batch: int, length: int) -> tuple:
+    """(num_groups, group_size) for a `[batch, length]` batch of tokens."""
+    if self.group_by_sequence:
+      return batch, length
+    num_tokens = batch * length
     groups = self.num_groups
     if groups is None:
       groups = math.ceil(num_tokens / self.max_group_size)
       groups = math.ceil(groups / self.num_expert_partitions) * self.num_expert_partitions
     return groups, math.ceil(num_tokens / groups)
 
-  def expert_capacity(self, group_size: int, *, train: bool) -> int:
+  def capacity(self, group_size: int, *, train: bool) -> int:
     """Per-group capacity C of each expert (the reference rule)."""
+    if self.expert_capacity is not None:
+      return min(self.expert_capacity, group_size)
     factor = self.train_capacity_factor if train else self.eval_capacity_factor
     if self.capacity_scales_with_k:
       factor *= self.num_selected_experts
@@ -288,7 +310,7 @@ class MoeLayer(nn.Module):
     """
     batch, length, embed = inputs.shape
     num_tokens = batch * length
-    groups, group_size = self.group_shape(num_tokens)
+    groups, group_size = self.group_shape(batch, length)
     pad = groups * group_size - num_tokens
     x = partitioning.with_sharding_constraint(inputs, ("batch", "length", "embed"))
     # [batch, length, embed] -> [tokens (+ pad), embed] -> [groups, group_size, embed]
@@ -300,8 +322,8 @@ class MoeLayer(nn.Module):
       padding_mask = jnp.pad(padding_mask.reshape(num_tokens), (0, pad)).reshape(
           groups, group_size)
 
-    capacity = self.expert_capacity(group_size, train=enable_dropout)
-    decision = self.router(
+    capacity = self.capacity(group_size, train=enable_dropout)
+    decision = self._router(
         x, num_experts=self.num_experts, expert_capacity=capacity,
         group_padding=group_padding, padding_mask=padding_mask,
         enable_dropout=enable_dropout)

@@ -103,16 +103,18 @@ def test_matches_independent_numpy_moe(dispatch, k, gshard):
   np.testing.assert_allclose(np.asarray(y[0]), expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("tokens, max_group_size, partitions, expected", [
-    (4096, 1024, 1, (4, 1024)),     # One device: the group size asked for.
-    (4096, 1024, 8, (8, 512)),      # Group count rounded up to the EP degree.
-    (15, 4, 1, (4, 4)),             # Padded up to 16 tokens, never truncated.
-    (3, 4096, 2, (2, 2)),
+@pytest.mark.parametrize("batch, length, max_group_size, partitions, by_sequence, expected", [
+    (8, 512, 1024, 1, False, (4, 1024)),   # One device: the group size asked for.
+    (8, 512, 1024, 8, False, (8, 512)),    # Group count rounded up to the EP degree.
+    (1, 15, 4, 1, False, (4, 4)),          # Padded up to 16 tokens, never truncated.
+    (3, 1, 4096, 2, False, (2, 2)),
+    (3, 7, 4, 1, True, (3, 7)),            # One group per sequence.
 ])
-def test_group_shape(tokens, max_group_size, partitions, expected):
+def test_group_shape(batch, length, max_group_size, partitions, by_sequence, expected):
   layer = moe.MoeLayer(num_experts=8, router=routing.TokensChooseRouter(),
-                       max_group_size=max_group_size, num_expert_partitions=partitions)
-  assert layer.group_shape(tokens) == expected
+                       max_group_size=max_group_size, num_expert_partitions=partitions,
+                       group_by_sequence=by_sequence)
+  assert layer.group_shape(batch, length) == expected
 
 
 @pytest.mark.parametrize("cf, k, scales, group_size, minimum, expected", [
@@ -126,7 +128,27 @@ def test_expert_capacity_rule(cf, k, scales, group_size, minimum, expected):
   layer = moe.MoeLayer(num_experts=8, router=routing.TokensChooseRouter(num_selected_experts=k),
                        eval_capacity_factor=cf, capacity_scales_with_k=scales,
                        min_expert_capacity=minimum)
-  assert layer.expert_capacity(group_size, train=False) == expected
+  assert layer.capacity(group_size, train=False) == expected
+
+
+def test_fixed_expert_capacity_overrides_factors():
+  layer = moe.MoeLayer(num_experts=8, router=routing.TokensChooseRouter(),
+                       expert_capacity=64, train_capacity_factor=0.1)
+  assert layer.capacity(1024, train=True) == 64
+  assert layer.capacity(16, train=False) == 16
+
+
+def test_group_by_sequence_routes_each_row_independently():
+  # Row 1 repeats row 0: per-row groups give both rows identical outputs even
+  # when capacity drops tokens (a shared group would drop row 1's copies).
+  row = _inputs((1, 8, EMBED), seed=9)
+  x = jnp.concatenate([row, row], axis=0)
+  layer = _layer("sorted", group_by_sequence=True, expert_capacity=1)
+  params = layer.init(jax.random.PRNGKey(0), x)["params"]
+  y = _jit_apply(layer)({"params": params}, x)
+  np.testing.assert_allclose(y[0], y[1], atol=1e-6)
+  shared = _jit_apply(_layer("sorted", num_groups=1, expert_capacity=1))({"params": params}, x)
+  assert not np.allclose(shared[0], shared[1])
 
 
 def test_padding_tokens_are_not_routed_and_outputs_match_unpadded():
@@ -224,3 +246,31 @@ def test_collect_moe_metrics_averages_over_layers():
   assert float(m["auxiliary_loss"]) == 2.0
   np.testing.assert_allclose(m["expert_fraction"], [0.5, 0.5])
   assert moe.collect_moe_metrics({}) == {}
+
+
+@pytest.mark.parametrize("block_size", [None, 8, 64])
+def test_dropless_ragged_and_blocked_backends_agree(block_size):
+  # ragged_dot runs densely on CPU but is exact, so it checks the layout the
+  # TPU/GPU path relies on (group sizes, padded rows).
+  x = _inputs()
+  layers = {b: _layer("dropless", dropless_backend=b, dropless_block_size=block_size)
+            for b in ("ragged", "blocked")}
+  params = layers["blocked"].init(jax.random.PRNGKey(1), x)["params"]
+  y_r, g_r, _ = _loss_and_grads(layers["ragged"], params, x)
+  y_b, g_b, _ = _loss_and_grads(layers["blocked"], params, x)
+  np.testing.assert_allclose(y_r, y_b, atol=1e-5, rtol=1e-5)
+  _assert_trees_close(g_r, g_b, atol=1e-5, rtol=1e-4)
+
+
+def test_expert_biases_agree_across_dispatch_modes():
+  x = _inputs()
+  layers = {d: _layer(d, use_bias=True, eval_capacity_factor=EXPERTS)
+            for d in ("einsum", "sorted", "dropless")}
+  params = layers["einsum"].init(jax.random.PRNGKey(1), x)["params"]
+  # Biases start at zero; make them matter.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: (p + jax.random.normal(jax.random.PRNGKey(len(path)), p.shape)
+                       if "bias" in str(path[-1]) else p), params)
+  outputs = {d: _jit_apply(layer)({"params": params}, x) for d, layer in layers.items()}
+  for d in ("sorted", "dropless"):
+    np.testing.assert_allclose(outputs[d], outputs["einsum"], atol=1e-4, rtol=1e-4)
