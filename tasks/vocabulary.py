@@ -52,3 +52,13 @@ def output_features(vocabulary: seqio.Vocabulary = FLAN_VOCABULARY
   """`inputs` / `targets` features with EOS appended, as the collection tokenizes."""
   return {"inputs": seqio.Feature(vocabulary, add_eos=True),
           "targets": seqio.Feature(vocabulary, add_eos=True)}
+
+
+def vocabulary() -> seqio.Vocabulary:
+  """The vocabulary every Flan task uses (the shared instance, for gin).
+
+  Model configs must reference this instance (`@vocabulary.vocabulary()`)
+  rather than build a new `ConfiguredVocabulary`: t5x checks that the task's
+  and the model's vocabularies are equal before training.
+  """
+  return FLAN_VOCABULARY

@@ -20,11 +20,11 @@ e.g. `functools.partial(moe.MoeLayer, num_experts=8, ...)` in Python or
 decoder take separate factories, so they can route differently (Expert Choice
 in the encoder with top-2 in the decoder, BPR only in the encoder).
 
-A factory must build a fresh, unbound router on every call (gin does so for
-`router = @routing.TokensChooseRouter()` with `parent = None`, see
-gin/models/architectures/moe.gin). A `functools.partial` holding one router
-instance would make Flax share that router's weights across all sparse
-layers; write a small function that constructs the router instead.
+MoeLayer adopts the router it is given as its own `mlp/router` child (a copy
+per sparse layer), so a factory may build the router on each call (gin does so
+for `router = @routing.TokensChooseRouter()`, see
+gin/models/architectures/moe.gin) or share one instance; every sparse layer
+gets its own router weights either way.
 
 Modules here carry no gin dependency: gin files refer to them directly
 (`from __gin__ import dynamic_registration`).

@@ -26,7 +26,7 @@ def make_moe_factory(num_experts=4, k=2, **kwargs):
   defaults.update(kwargs)
 
   def factory(**names):
-    router = routing.TokensChooseRouter(num_selected_experts=k, parent=None)
+    router = routing.TokensChooseRouter(num_selected_experts=k)
     return moe.MoeLayer(router=router, **defaults, **names)
 
   return factory

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between moe_jax and other frameworks (Hugging Face)."""
