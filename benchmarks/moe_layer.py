@@ -8,8 +8,10 @@ For every (experts, top-k, dispatch) configuration this times, in one process:
     MoE layer of this configuration on this machine;
   * `dense_equiv_ms`: a dense gated-GELU FFN with d_ff = k * d_ff on the same
     T tokens (same activated FLOPs).
-Each time is the median of `--repeats` runs after a warm-up. Prints a table,
-and with `--json` one JSON line per configuration.
+The three are compiled and warmed up first, then timed in interleaved rounds
+(layer, bound, dense, layer, ...), so that drift in the machine's speed hits
+all of them alike; each time is the median of `--repeats` rounds. Prints a
+table, and with `--json` one JSON line per configuration.
 
   python benchmarks/moe_layer.py --tokens 4096 --d_model 512 --d_ff 2048 \
       --experts 8,32,128 --topk 2 --capacity_factor 1.25 \
@@ -42,51 +44,55 @@ ROUTERS = {
 SEQUENCE_LENGTH = 512
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-  """Median wall time of `fn()` in milliseconds, after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
+def interleaved_medians_ms(fns: Dict[str, Callable[[], object]],
+                           repeats: int) -> Dict[str, float]:
+  """Median wall time (ms) of each function, timed in interleaved rounds."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # Compile and warm up.
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _timed_grad(module, variables, x, loss_of_output, repeats: int, **apply_kwargs) -> float:
-  """Times jit(value_and_grad) w.r.t. params and inputs."""
+def _grad_step(module, variables, x, **apply_kwargs) -> Callable[[], object]:
+  """jit(value_and_grad) of sum(outputs) + aux losses w.r.t. params and inputs."""
   def loss(params, x):
-    out = module.apply({"params": params}, x, rngs={"dropout": jax.random.PRNGKey(0),
-                                                      "gating": jax.random.PRNGKey(1)},
-                       mutable=["intermediates"], **apply_kwargs)
-    return loss_of_output(*out)
+    y, state = module.apply({"params": params}, x,
+                            rngs={"dropout": jax.random.PRNGKey(0),
+                                  "gating": jax.random.PRNGKey(1)},
+                            mutable=["intermediates"], **apply_kwargs)
+    metrics = moe.collect_moe_metrics(state.get("intermediates", {}))
+    return jnp.sum(y) + sum(metrics.get(name, 0.0)
+                            for name in ("auxiliary_loss", "router_z_loss"))
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   params = variables["params"]
-  return median_ms(lambda: step(params, x), repeats)
+  return lambda: step(params, x)
 
 
-def _sum_outputs(y, state):
-  metrics = moe.collect_moe_metrics(state.get("intermediates", {}))
-  return jnp.sum(y) + sum(metrics.get(name, 0.0)
-                          for name in ("auxiliary_loss", "router_z_loss"))
-
-
-def expert_bound_ms(args, num_experts: int, k: int) -> float:
-  """Balanced batched experts: `[E, k*T/E, d_model]`, no routing."""
+def expert_bound_step(args, num_experts: int, k: int) -> Callable[[], object]:
+  """Balanced batched experts: `[E, k*T/E, d_model]`, no routing, no padding."""
   experts = moe.Experts(num_experts=num_experts, mlp_dim=args.d_ff, dtype=args.dtype)
   x = jax.random.normal(jax.random.PRNGKey(0),
                         (num_experts, k * args.tokens // num_experts, args.d_model),
                         args.dtype)
-  variables = experts.init(jax.random.PRNGKey(1), x, layout="batched")
-  return _timed_grad(experts, variables, x, _sum_outputs, args.repeats, layout="batched")
+  params = experts.init(jax.random.PRNGKey(1), args.d_model)["params"]
+
+  def loss(params, x):
+    weights = experts.apply({"params": params}, args.d_model)
+    return jnp.sum(moe.apply_experts(weights, x, experts.activations))
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return lambda: step(params, x)
 
 
-def dense_equiv_ms(args, k: int) -> float:
+def dense_equiv_step(args, k: int) -> Callable[[], object]:
   """Dense gated-GELU FFN with d_ff = k * d_ff on the same tokens."""
   block = dense.MlpBlock(intermediate_dim=k * args.d_ff, dtype=args.dtype)
   x = _tokens(args)
-  variables = block.init(jax.random.PRNGKey(1), x)
-  return _timed_grad(block, variables, x, _sum_outputs, args.repeats)
+  return _grad_step(block, block.init(jax.random.PRNGKey(1), x), x)
 
 
 def _tokens(args) -> jax.Array:
@@ -95,8 +101,7 @@ def _tokens(args) -> jax.Array:
       args.dtype)
 
 
-def run_config(args, num_experts: int, k: int, dispatch_mode: str,
-               bounds: Dict) -> Dict:
+def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
   layer = moe.MoeLayer(
       num_experts=num_experts, router=ROUTERS[args.router](k),
       expert_mlp_dim=args.d_ff, max_group_size=args.group_size,
@@ -110,12 +115,12 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str,
       v, x, enable_dropout=True, mutable=["intermediates"],
       rngs={"gating": jax.random.PRNGKey(1)}))(variables, x)
   metrics = moe.collect_moe_metrics(state["intermediates"])
-  moe_ms = _timed_grad(layer, variables, x, _sum_outputs, args.repeats, enable_dropout=True)
+  times = interleaved_medians_ms({
+      "moe": _grad_step(layer, variables, x, enable_dropout=True),
+      "bound": expert_bound_step(args, num_experts, k),
+      "dense": dense_equiv_step(args, k),
+  }, args.repeats)
   groups, group_size = layer.group_shape(*x.shape[:2])
-  if (num_experts, k) not in bounds:
-    bounds[(num_experts, k)] = expert_bound_ms(args, num_experts, k)
-  if k not in bounds:
-    bounds[k] = dense_equiv_ms(args, k)
   capacity = (None if dispatch_mode == "dropless"
               else layer.capacity(group_size, train=True))
   return {
@@ -127,12 +132,12 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str,
       "groups": groups,
       "tokens": args.tokens,
       "expert_capacity": capacity,
-      "moe_ms": round(moe_ms, 2),
-      "expert_bound_ms": round(bounds[(num_experts, k)], 2),
-      "dense_equiv_ms": round(bounds[k], 2),
-      "bound_ratio": round(moe_ms / bounds[(num_experts, k)], 3),
-      "dense_ratio": round(moe_ms / bounds[k], 3),
-      "tokens_per_s": round(args.tokens / (moe_ms / 1e3), 1),
+      "moe_ms": round(times["moe"], 2),
+      "expert_bound_ms": round(times["bound"], 2),
+      "dense_equiv_ms": round(times["dense"], 2),
+      "bound_ratio": round(times["moe"] / times["bound"], 3),
+      "dense_ratio": round(times["moe"] / times["dense"], 3),
+      "tokens_per_s": round(args.tokens / (times["moe"] / 1e3), 1),
       "fraction_dropped": round(float(metrics["fraction_tokens_left_behind"]), 4),
       "dtype": jnp.dtype(args.dtype).name,
       "backend": jax.default_backend(),
@@ -168,7 +173,7 @@ def parse_args(argv=None):
                       default=["einsum", "sorted", "dropless"])
   parser.add_argument("--router", choices=sorted(ROUTERS), default="tokens_choose")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--json", action="store_true", help="print one JSON line per config")
   args = parser.parse_args(argv)
   if args.repeats < 5:
@@ -181,7 +186,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  rows, bounds = [], {}
+  rows = []
   for num_experts in args.experts:
     for k in args.topk:
       if args.router == "gshard" and k != 2:
@@ -189,7 +194,7 @@ def main(argv=None) -> None:
       for dispatch_mode in args.dispatch:
         if args.router == "expert_choice" and dispatch_mode == "dropless":
           continue
-        row = run_config(args, num_experts, k, dispatch_mode, bounds)
+        row = run_config(args, num_experts, k, dispatch_mode)
         rows.append(row)
         if args.json:
           print(json.dumps(row), flush=True)

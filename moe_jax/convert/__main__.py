@@ -1,6 +1,6 @@
 """Command line for checkpoint conversion.
 
-  python -m moe_jax.convert hf HF_MODEL_DIR OUTPUT_DIR
+  python -m moe_jax.convert hf --checkpoint_dir HF_MODEL_DIR --output_dir OUTPUT_DIR
 
 imports a Hugging Face T5 / Flan-T5 / mT5 / Switch Transformers directory
 (config.json + safetensors or pytorch_model.bin) into OUTPUT_DIR/checkpoint
@@ -20,12 +20,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   commands = parser.add_subparsers(dest="command", required=True)
   hf_parser = commands.add_parser(
       "hf", help="import a Hugging Face checkpoint directory")
-  hf_parser.add_argument("model_dir", help="directory with config.json and weights")
-  hf_parser.add_argument("output_dir", help="new (or empty) output directory")
+  hf_parser.add_argument("--checkpoint_dir", required=True,
+                         help="Hugging Face directory with config.json and weights")
+  hf_parser.add_argument("--output_dir", required=True,
+                         help="new (or empty) output directory")
   args = parser.parse_args(argv)
 
   try:
-    result = hf.convert(args.model_dir, args.output_dir)
+    result = hf.convert(args.checkpoint_dir, args.output_dir)
   except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -12,20 +12,20 @@ routing decision they produce the same layer output.
   Both gathers have custom VJPs whose backward passes are gathers too (the
   inverse maps are exact since every slot holds at most one assignment), which
   avoids the serial scatter-adds that autodiff of a gather produces on CPU/GPU.
-* `dropless`: no capacity. All groups are merged; each expert's assignments
-  occupy a contiguous run of rows padded to a multiple of `block_size`, so the
-  experts can run as a grouped matmul (`jax.lax.ragged_dot` on TPU/GPU) or as
-  same-shape blocks (CPU, see `MoeLayer.dropless_backend`).
+* `dropless`: no capacity. All assignments become rows sorted by expert
+  (`row_layout`) for a grouped matmul (`jax.lax.ragged_dot`, TPU/GPU); or,
+  on CPU, `sorted` dispatch at the configured capacity plus, only when some
+  expert overflows it, the overflow as rows in blocks of one expert; see
+  `MoeLayer.dropless_backend`.
 
 See ../shared/reference/fast_moe.md for the cost model behind these choices.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moe_jax import types
 from moe_jax.layers import routing
@@ -73,14 +73,6 @@ def slot_map(slot: types.Array, kept: types.Array, num_slots: int) -> SlotMap:
       slot_of_choice=jnp.where(kept, slot, 0).astype(jnp.int32),
       choice_kept=kept,
   )
-
-
-def capacity_slot_map(decision: routing.TokenChoiceDecision, num_experts: int,
-                      capacity: int) -> SlotMap:
-  """Slots `expert * capacity + priority`; assignments past capacity drop."""
-  kept = decision.valid & (decision.priority < capacity)
-  slot = decision.expert_index * capacity + decision.priority
-  return slot_map(slot, kept, num_experts * capacity)
 
 
 def _gather_tokens(x: types.Array, sm: SlotMap) -> types.Array:
@@ -218,70 +210,92 @@ def expert_choice_combine(buffer: types.Array, decision: routing.ExpertChoiceDec
 
 
 # ----------------------------------------------------------------------------
-# dropless dispatch
+# sorted dispatch
+# ----------------------------------------------------------------------------
+def capacity_slot_map(decision: routing.TokenChoiceDecision, num_experts: int,
+                      capacity: int) -> SlotMap:
+  """Slots `expert * capacity + priority`; assignments past capacity drop."""
+  kept = decision.valid & (decision.priority < capacity)
+  slot = decision.expert_index * capacity + decision.priority
+  return slot_map(slot, kept, num_experts * capacity)
+
+
+# ----------------------------------------------------------------------------
+# dropless dispatch on a grouped matmul
 # ----------------------------------------------------------------------------
 @flax.struct.dataclass
-class DroplessLayout:
-  """Row layout of all assignments, expert by expert, blocks padded.
+class RowLayout:
+  """Assignments of all groups as rows sorted by expert, padded to blocks.
 
   Attributes:
-    slots: the `SlotMap` of the merged group `[1, rows]`.
+    slots: the `SlotMap` of the merged group `[1, groups * group_size * k]`;
+      rows past `sum(group_sizes)` are empty.
     group_sizes: <int32>[experts] rows of each expert (a multiple of the
-      block size); trailing rows past their sum belong to no expert.
-    block_expert: <int32>[rows // block_size] expert owning each block.
+      block size).
     row_expert: <int32>[rows] expert owning each row.
   """
 
   slots: SlotMap
   group_sizes: types.Array
-  block_expert: types.Array
   row_expert: types.Array
 
 
-def dropless_num_rows(num_assignments: int, num_experts: int, block_size: int) -> int:
+def row_layout_size(num_assignments: int, num_experts: int, block_size: int) -> int:
   """Static row count that fits any routing: every expert may waste a block."""
   worst = num_assignments + num_experts * (block_size - 1)
   return -(-worst // block_size) * block_size
 
 
-def dropless_layout(decision: routing.TokenChoiceDecision, num_experts: int,
-                    block_size: int) -> DroplessLayout:
-  """Lays out every valid assignment, merging groups (nothing is dropped)."""
+def row_layout(decision: routing.TokenChoiceDecision, num_experts: int, *,
+               first_slot: int = 0, max_rows: Optional[int] = None,
+               block_size: int = 1) -> RowLayout:
+  """Lays out the assignments with priority >= `first_slot`, expert by expert.
+
+  Groups are merged (nothing is dropped). Each expert's rows start on a
+  block boundary, so blocks of `block_size` rows belong to one expert.
+
+  Args:
+    decision: a token-choice routing decision.
+    num_experts: number of experts.
+    first_slot: assignments of lower priority are left out (they were served
+      by a capacity buffer).
+    max_rows: the most assignments there can be (default: all of them).
+    block_size: rows per block.
+
+  Returns:
+    The layout, with `row_layout_size(max_rows, num_experts, block_size)` rows.
+  """
   groups, group_size, k = decision.expert_index.shape
-  kept = decision.valid
+  kept = decision.valid & (decision.priority >= first_slot)
   # Assignments per group and expert, to rank across groups.
   counts = jnp.sum(
       jax.nn.one_hot(decision.expert_index, num_experts, dtype=jnp.int32)
       * kept[..., None], axis=(1, 2))  # [groups, experts]
   earlier_groups = jnp.cumsum(counts, axis=0) - counts
-  rank = decision.priority + jnp.take_along_axis(
+  rank = decision.priority - first_slot + jnp.take_along_axis(
       earlier_groups[:, None, :], decision.expert_index.reshape(groups, 1, -1),
       axis=2).reshape(groups, group_size, k)
-  total = jnp.sum(counts, axis=0)  # [experts]
-  padded = -(-total // block_size) * block_size
-  start = jnp.cumsum(padded) - padded
-  slot = start[decision.expert_index] + rank
-  num_rows = dropless_num_rows(groups * group_size * k, num_experts, block_size)
+  padded = -(-jnp.sum(counts, axis=0) // block_size) * block_size  # [experts]
+  end = jnp.cumsum(padded)
+  slot = (end - padded)[decision.expert_index] + rank
+  num_rows = row_layout_size(groups * group_size * k if max_rows is None else max_rows,
+                             num_experts, block_size)
   # Merge groups: token t of group g becomes token g * group_size + t.
   merged = slot_map(slot.reshape(1, groups * group_size, k),
                     kept.reshape(1, groups * group_size, k), num_rows)
-  block_start = jnp.arange(num_rows // block_size) * block_size
-  block_expert = jnp.minimum(
-      jnp.searchsorted(jnp.cumsum(padded), block_start, side="right"),
-      num_experts - 1).astype(jnp.int32)
-  return DroplessLayout(
-      slots=merged,
-      group_sizes=padded.astype(jnp.int32),
-      block_expert=block_expert,
-      row_expert=jnp.repeat(block_expert, block_size, total_repeat_length=num_rows),
-  )
+  row_expert = jnp.minimum(jnp.searchsorted(end, jnp.arange(num_rows), side="right"),
+                           num_experts - 1)
+  return RowLayout(slots=merged, group_sizes=padded.astype(jnp.int32),
+                   row_expert=row_expert.astype(jnp.int32))
 
 
-def default_block_size(num_assignments: int, num_experts: int) -> int:
-  """A power of two near a quarter of the balanced load, within [8, 256].
+def overflow_block_size(max_rows: int, num_experts: int) -> int:
+  """Block size of an overflow layout: a power of two >= max_rows / experts.
 
-  Larger blocks make better matmuls; smaller ones waste fewer padding rows
-  (at most one partial block per expert).
+  Each block reads its expert's weights, so the blocks' weights take
+  (blocks / experts) times the experts' memory; with at most
+  max_rows / block_size + experts <= 2 * experts blocks, that stays within
+  twice the weights, and padding within max_rows + experts * block_size rows.
   """
-  balanced = max(num_assignments // (4 * num_experts), 1)
-  return int(np.clip(2 ** int(np.floor(np.log2(balanced))), 8, 256))
+  per_expert = max(-(-max_rows // num_experts), 8)
+  return 1 << (per_expert - 1).bit_length()

@@ -22,10 +22,12 @@ which GSPMD lowers to an all-to-all, as in GShard
 (https://arxiv.org/abs/2006.16668).
 """
 
+import functools
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -37,7 +39,7 @@ from moe_jax.layers import routing
 
 MOE_METRICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind",
                "expert_usage", "router_confidence", "expert_fraction")
-DROPLESS_BACKENDS = ("auto", "ragged", "blocked")
+DROPLESS_BACKENDS = ("auto", "ragged", "overflow")
 
 
 def _per_expert_init(init: types.Initializer) -> types.Initializer:
@@ -52,18 +54,36 @@ def _per_expert_init(init: types.Initializer) -> types.Initializer:
   return init_fn
 
 
+@flax.struct.dataclass
+class ExpertWeights:
+  """The stacked weights of all experts, in the computation dtype.
+
+  Attributes:
+    wi: one `[experts, embed, expert_mlp]` kernel per activation.
+    wo: `[experts, expert_mlp, embed]`.
+    bi: optional `[experts, expert_mlp]` biases, one per activation.
+    bo: optional `[experts, embed]` bias.
+  """
+
+  wi: Tuple[types.Array, ...]
+  wo: types.Array
+  bi: Optional[Tuple[types.Array, ...]] = None
+  bo: Optional[types.Array] = None
+
+
 class Experts(nn.Module):
-  """`num_experts` independent (gated) FFNs with stacked weights.
+  """Parameters of `num_experts` independent (gated) FFNs, stacked.
 
   Parameters (logical axes in parentheses): `wi` or `wi_0`, `wi_1`, ...
   `[experts, embed, expert_mlp]` ('expert', 'embed', 'expert_mlp') and `wo`
-  `[experts, expert_mlp, embed]`; optional biases `*_bias`.
+  `[experts, expert_mlp, embed]`; with `use_bias`, `*_bias`. Calling the module
+  returns the weights; `apply_experts` computes with them (a pure function, so
+  it can run inside `lax.cond`).
 
   Attributes:
     num_experts: number of experts.
     mlp_dim: hidden width of each expert.
-    activations: as in `dense.MlpBlock`.
-    dropout_rate: expert dropout on the hidden activations (train only).
+    activations: as in `dense.MlpBlock` (one input kernel per activation).
     use_bias: whether projections carry biases.
     dtype: computation dtype (parameters stay float32).
     kernel_init: initializer of one expert's kernel.
@@ -72,77 +92,114 @@ class Experts(nn.Module):
   num_experts: int
   mlp_dim: int
   activations: Sequence[dense.Activation] = ("gelu", "linear")
-  dropout_rate: float = 0.0
   use_bias: bool = False
   dtype: types.DType = jnp.float32
   kernel_init: types.Initializer = dense.default_kernel_init
 
   @nn.compact
-  def __call__(self, x: types.Array, *, layout: str,
-               enable_dropout: bool = False,
-               block_expert: Optional[types.Array] = None,
-               row_expert: Optional[types.Array] = None,
-               group_sizes: Optional[types.Array] = None) -> types.Array:
-    """Applies the experts in one of three layouts.
-
-    Args:
-      x: 'batched': `[experts, tokens, embed]`, row e goes to expert e;
-        'blocked': `[blocks, block_size, embed]`, block b goes to
-        `block_expert[b]`; 'ragged': `[rows, embed]` sorted by expert, with
-        `group_sizes[e]` rows for expert e.
-      layout: 'batched', 'blocked' or 'ragged'.
-      enable_dropout: apply expert dropout.
-      block_expert: <int32>[blocks] for 'blocked'.
-      row_expert: <int32>[rows] for 'ragged' biases.
-      group_sizes: <int32>[experts] for 'ragged'.
-
-    Returns:
-      Expert outputs shaped like `x`.
-    """
-    embed = x.shape[-1]
+  def __call__(self, embed_dim: int) -> ExpertWeights:
     init = _per_expert_init(self.kernel_init)
     names = ["wi"] if len(self.activations) == 1 else [
         f"wi_{i}" for i in range(len(self.activations))]
-    wi = [
+    wi = tuple(
         partitioning.param_with_axes(
-            name, init, (self.num_experts, embed, self.mlp_dim), jnp.float32,
+            name, init, (self.num_experts, embed_dim, self.mlp_dim), jnp.float32,
             axes=("expert", "embed", "expert_mlp")).astype(self.dtype)
-        for name in names
-    ]
+        for name in names)
     wo = partitioning.param_with_axes(
-        "wo", init, (self.num_experts, self.mlp_dim, embed), jnp.float32,
+        "wo", init, (self.num_experts, self.mlp_dim, embed_dim), jnp.float32,
         axes=("expert", "expert_mlp", "embed")).astype(self.dtype)
-    bi = bo = None
-    if self.use_bias:
-      bi = [
-          partitioning.param_with_axes(
-              f"{name}_bias", nn.initializers.zeros, (self.num_experts, self.mlp_dim),
-              jnp.float32, axes=("expert", "expert_mlp")).astype(self.dtype)
-          for name in names
-      ]
-      bo = partitioning.param_with_axes(
-          "wo_bias", nn.initializers.zeros, (self.num_experts, embed),
-          jnp.float32, axes=("expert", "embed")).astype(self.dtype)
+    if not self.use_bias:
+      return ExpertWeights(wi=wi, wo=wo)
+    bi = tuple(
+        partitioning.param_with_axes(
+            f"{name}_bias", nn.initializers.zeros, (self.num_experts, self.mlp_dim),
+            jnp.float32, axes=("expert", "expert_mlp")).astype(self.dtype)
+        for name in names)
+    bo = partitioning.param_with_axes(
+        "wo_bias", nn.initializers.zeros, (self.num_experts, embed_dim),
+        jnp.float32, axes=("expert", "embed")).astype(self.dtype)
+    return ExpertWeights(wi=wi, wo=wo, bi=bi, bo=bo)
 
-    if layout == "batched":
-      project = lambda a, w: jnp.einsum("eti,eio->eto", a, w)
-      expand = lambda b: b[:, None, :]  # [experts, 1, features]
-    elif layout == "blocked":
-      # Each block reads its expert's weights; blocks of one expert are
-      # adjacent, so this is a cheap slice copy per block.
-      project = lambda a, w: jnp.einsum("nbi,nio->nbo", a, jnp.take(w, block_expert, axis=0))
-      expand = lambda b: jnp.take(b, block_expert, axis=0)[:, None, :]
-    elif layout == "ragged":
-      project = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-      expand = lambda b: jnp.take(b, row_expert, axis=0)
-    else:
-      raise ValueError(f"Unknown expert layout {layout!r}.")
-    dropout = nn.Dropout(rate=self.dropout_rate)
-    return dense.mlp_forward(
-        x.astype(self.dtype), wi, wo, self.activations, project=project,
-        bi=None if bi is None else [expand(b) for b in bi],
-        bo=None if bo is None else expand(bo),
-        dropout=lambda h: dropout(h, deterministic=not enable_dropout))
+
+def apply_experts(
+    weights: ExpertWeights,
+    x: types.Array,
+    activations: Sequence[dense.Activation],
+    *,
+    group_sizes: Optional[types.Array] = None,
+    row_expert: Optional[types.Array] = None,
+    block_expert: Optional[types.Array] = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[types.PRNGKey] = None,
+) -> types.Array:
+  """Runs every expert on its rows.
+
+  Args:
+    weights: the experts' weights.
+    x: `[experts, tokens, embed]`, row block e going to expert e (batched
+      matmuls); with `group_sizes`, `[rows, embed]` sorted by expert with
+      `group_sizes[e]` rows for expert e (grouped matmul, `jax.lax.ragged_dot`);
+      with `block_expert`, `[blocks, block_size, embed]`, block b going to
+      expert `block_expert[b]` (batched matmuls against gathered weights).
+    activations: as in `dense.MlpBlock`.
+    group_sizes: <int32>[experts] for the grouped layout.
+    row_expert: <int32>[rows] expert of each row (grouped layout with biases).
+    block_expert: <int32>[blocks] for the block layout.
+    dropout_rate: expert dropout on the hidden activations.
+    dropout_rng: key for the dropout mask; None disables dropout.
+
+  Returns:
+    Expert outputs shaped like `x`.
+  """
+  if block_expert is not None:
+    # Blocks of one expert are adjacent, so each weight gather is a slice copy.
+    project = lambda a, w: jnp.einsum("nbi,nio->nbo", a, jnp.take(w, block_expert, axis=0))
+    expand = lambda b: jnp.take(b, block_expert, axis=0)[:, None, :]
+  elif group_sizes is None:
+    project = lambda a, w: jnp.einsum("eti,eio->eto", a, w)
+    expand = lambda b: b[:, None, :]  # [experts, 1, features]
+  else:
+    project = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+    expand = lambda b: jnp.take(b, row_expert, axis=0)
+  dropout = None
+  if dropout_rng is not None and dropout_rate > 0:
+    def dropout(h):
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, h.shape)
+      return jnp.where(keep, h / (1.0 - dropout_rate), jnp.zeros((), h.dtype))
+  return dense.mlp_forward(
+      x.astype(weights.wo.dtype), weights.wi, weights.wo, activations, project=project,
+      bi=None if weights.bi is None else [expand(b) for b in weights.bi],
+      bo=None if weights.bo is None else expand(weights.bo),
+      dropout=dropout)
+
+
+def experts_on_buffer(weights: ExpertWeights, buffer: types.Array,
+                      activations: Sequence[dense.Activation], *,
+                      dropout_rate: float = 0.0,
+                      dropout_rng: Optional[types.PRNGKey] = None) -> types.Array:
+  """Runs the experts on `[groups, experts, capacity, embed]`, expert-parallel.
+
+  Moving the buffer from group sharding (`batch`) to expert sharding
+  (`expert`) and back is the all-to-all of expert parallelism.
+  """
+  groups, num_experts, capacity, embed = buffer.shape
+  buffer = partitioning.with_sharding_constraint(
+      buffer, ("batch", "unmodeled", "length", "embed"))
+  # [groups, experts, capacity, embed] -> [experts, groups, capacity, embed]
+  buffer = jnp.swapaxes(buffer, 0, 1)
+  buffer = partitioning.with_sharding_constraint(
+      buffer, ("expert", "expert_replicas", "length", "embed"))
+  # -> [experts, groups * capacity, embed]
+  out = apply_experts(weights, buffer.reshape(num_experts, groups * capacity, embed),
+                      activations, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  out = out.reshape(num_experts, groups, capacity, embed)
+  out = partitioning.with_sharding_constraint(
+      out, ("expert", "expert_replicas", "length", "embed"))
+  # -> [groups, experts, capacity, embed]
+  out = jnp.swapaxes(out, 0, 1)
+  return partitioning.with_sharding_constraint(
+      out, ("batch", "unmodeled", "length", "embed"))
 
 
 class MoeLayer(nn.Module):
@@ -151,7 +208,8 @@ class MoeLayer(nn.Module):
   Attributes:
     num_experts: number of experts E.
     router: a `routing.Router` module (TokensChooseRouter, GShardTop2Router,
-      ExpertChoiceRouter); its parameters live under `router/`.
+      ExpertChoiceRouter); the layer adopts it as its `router/` child, so gin
+      may build it anywhere.
     expert_mlp_dim: hidden width of each expert.
     activations: expert activations, e.g. ('gelu', 'linear') for gated GELU
       or ('relu',) for Switch-Base's plain FFN.
@@ -181,13 +239,14 @@ class MoeLayer(nn.Module):
     dispatch: 'einsum', 'sorted' or 'dropless' (see `moe_jax.layers.dispatch`).
       All three give the same outputs for the same routing decisions;
       'dropless' keeps every assignment and is for token-choice routers only.
-    dropless_backend: how 'dropless' runs the experts. 'ragged' is a grouped
-      matmul (`jax.lax.ragged_dot`), native on TPU and GPU; on CPU XLA lowers
-      ragged_dot to a dense matmul against every expert, so 'blocked' (the
-      exact CPU path: rows padded to blocks of one expert, batched block
-      matmuls) is used there. 'auto' picks ragged on TPU/GPU, blocked on CPU.
-    dropless_block_size: rows per block (and per-expert padding granularity)
-      of dropless layouts; None picks `dispatch.default_block_size`.
+    dropless_backend: how 'dropless' runs the experts. 'ragged': one grouped
+      matmul over all assignments sorted by expert (`jax.lax.ragged_dot`),
+      native on TPU and GPU. 'overflow': 'sorted' dispatch at the configured
+      capacity (batched matmuls, the same all-to-all), plus, only when some
+      expert's load exceeds it, the excess as rows sorted by expert in blocks
+      of one expert. This is the CPU path: XLA:CPU lowers ragged_dot to a
+      dense matmul against every expert (E/k times the work). 'auto': ragged
+      on TPU/GPU, overflow on CPU.
     num_expert_partitions: expert-parallel degree (size of the mesh's
       `expert` axis); must divide `num_experts`.
     dtype: expert computation dtype (router math is always float32).
@@ -210,7 +269,6 @@ class MoeLayer(nn.Module):
   capacity_scales_with_k: bool = False
   dispatch: str = "sorted"
   dropless_backend: str = "auto"
-  dropless_block_size: Optional[int] = None
   num_expert_partitions: int = 1
   dtype: types.DType = jnp.float32
   kernel_init: types.Initializer = dense.default_kernel_init
@@ -253,6 +311,9 @@ class MoeLayer(nn.Module):
       raise ValueError(f"expert_capacity must be >= 1, got {self.expert_capacity}.")
     if self.max_group_size < 1:
       raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}.")
+    if not 0.0 <= self.expert_dropout_rate < 1.0:
+      raise ValueError(
+          f"expert_dropout_rate must be in [0, 1), got {self.expert_dropout_rate}.")
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
@@ -264,15 +325,15 @@ class MoeLayer(nn.Module):
                     else self.router.clone(parent=self, name="router"))
     self.expert = Experts(
         num_experts=self.num_experts, mlp_dim=self.expert_mlp_dim,
-        activations=self.activations, dropout_rate=self.expert_dropout_rate,
-        use_bias=self.use_bias, dtype=self.dtype, kernel_init=self.kernel_init)
+        activations=self.activations, use_bias=self.use_bias, dtype=self.dtype,
+        kernel_init=self.kernel_init)
 
   @property
   def num_selected_experts(self) -> int:
     """k: experts per token (1 for expert choice, whose k varies per token)."""
     return getattr(self.router, "num_selected_experts", 1)
 
-  def group_shape(self, batch: int, length: int) -> tuple:
+  def group_shape(self, batch: int, length: int) -> Tuple[int, int]:
     """(num_groups, group_size) for a `[batch, length]` batch of tokens."""
     if self.group_by_sequence:
       return batch, length
@@ -327,103 +388,128 @@ class MoeLayer(nn.Module):
         x, num_experts=self.num_experts, expert_capacity=capacity,
         group_padding=group_padding, padding_mask=padding_mask,
         enable_dropout=enable_dropout)
+    weights = self.expert(embed)
+    dropout_rng = (self.make_rng("dropout")
+                   if enable_dropout and self.expert_dropout_rate > 0 else None)
+    compute = x.astype(self.dtype)
 
-    if self.dispatch == "dropless":
-      y, slots_used, num_slots, kept = self._dropless(x, decision, enable_dropout)
+    if isinstance(decision, routing.ExpertChoiceDecision):
+      y = self._expert_choice(compute, decision, weights, capacity, dropout_rng)
+      kept, slots = decision.valid, groups * self.num_experts * capacity
+    elif self.dispatch == "einsum":
+      y = self._einsum(compute, decision, weights, capacity, dropout_rng)
+      kept = decision.valid & (decision.priority < capacity)
+      slots = groups * self.num_experts * capacity
+    elif self.dispatch == "sorted":
+      y = self._sorted(compute, decision, weights, capacity, dropout_rng)
+      kept = decision.valid & (decision.priority < capacity)
+      slots = groups * self.num_experts * capacity
+    elif self._dropless_backend() == "ragged":
+      y = self._rows(compute, decision, weights,
+                     dispatch.row_layout(decision, self.num_experts), dropout_rng)
+      kept = decision.valid
+      slots = jnp.sum(kept)
     else:
-      y, kept = self._with_capacity(x, decision, capacity, enable_dropout)
-      slots_used = jnp.sum(kept)
-      num_slots = groups * self.num_experts * capacity
+      y = self._overflowing(compute, decision, weights, capacity, dropout_rng)
+      kept = decision.valid
+      slots = groups * self.num_experts * capacity
 
-    self._sow_metrics(decision, kept, slots_used, num_slots)
+    self._sow_metrics(decision, kept, slots)
     # [groups, group_size, embed] -> [batch, length, embed]
     y = y.reshape(groups * group_size, embed)[:num_tokens].reshape(batch, length, embed)
     y = partitioning.with_sharding_constraint(y, ("batch", "length", "embed"))
     return y.astype(inputs.dtype)
 
-  def _call_experts_on_buffer(self, buffer: types.Array,
-                              enable_dropout: bool) -> types.Array:
-    """Runs the experts on `[groups, experts, capacity, embed]`, expert-parallel.
+  def _dropless_backend(self) -> str:
+    if self.dropless_backend != "auto":
+      return self.dropless_backend
+    return "ragged" if jax.default_backend() in ("tpu", "gpu") else "overflow"
 
-    Moving the buffer from group sharding to expert sharding (and back) is
-    the all-to-all of expert parallelism.
-    """
-    groups, num_experts, capacity, embed = buffer.shape
-    buffer = partitioning.with_sharding_constraint(
-        buffer, ("batch", "unmodeled", "length", "embed"))
-    # [groups, experts, capacity, embed] -> [experts, groups, capacity, embed]
-    buffer = jnp.swapaxes(buffer, 0, 1)
-    buffer = partitioning.with_sharding_constraint(
-        buffer, ("expert", "expert_replicas", "length", "embed"))
-    # -> [experts, groups * capacity, embed]
-    out = self.expert(buffer.reshape(num_experts, groups * capacity, embed),
-                      layout="batched", enable_dropout=enable_dropout)
-    out = out.reshape(num_experts, groups, capacity, embed)
-    out = partitioning.with_sharding_constraint(
-        out, ("expert", "expert_replicas", "length", "embed"))
-    # -> [groups, experts, capacity, embed]
-    out = jnp.swapaxes(out, 0, 1)
-    return partitioning.with_sharding_constraint(
-        out, ("batch", "unmodeled", "length", "embed"))
+  def _experts(self, weights, buffer, dropout_rng):
+    return experts_on_buffer(weights, buffer, self.activations,
+                             dropout_rate=self.expert_dropout_rate, dropout_rng=dropout_rng)
 
-  def _with_capacity(self, x, decision, capacity, enable_dropout):
-    """'einsum' and 'sorted' dispatch: per-group `[experts, capacity]` buffers."""
-    groups, group_size, embed = x.shape
-    compute = x.astype(self.dtype)
+  def _einsum(self, x, decision, weights, capacity, dropout_rng):
+    """One-hot dispatch and combine tensors (the TPU reference path)."""
+    dispatch_mask, combine = dispatch.einsum_masks(
+        decision, self.num_experts, capacity, self.dtype)
+    buffer = dispatch.einsum_dispatch(x, dispatch_mask)
+    return dispatch.einsum_combine(self._experts(weights, buffer, dropout_rng), combine)
+
+  def _expert_choice(self, x, decision, weights, capacity, dropout_rng):
+    """Expert-choice buffers: experts gather their chosen tokens."""
     if self.dispatch == "einsum":
-      dispatch_mask, combine = dispatch.einsum_masks(
-          decision, self.num_experts, capacity, self.dtype)
-      buffer = dispatch.einsum_dispatch(compute, dispatch_mask)
-      out = self._call_experts_on_buffer(buffer, enable_dropout)
-      y = dispatch.einsum_combine(out, combine)
-    elif isinstance(decision, routing.ExpertChoiceDecision):
-      buffer = dispatch.expert_choice_gather(compute, decision)
-      out = self._call_experts_on_buffer(
-          buffer.reshape(groups, self.num_experts, capacity, embed), enable_dropout)
-      y = dispatch.expert_choice_combine(
-          out.reshape(groups, self.num_experts * capacity, embed), decision, group_size)
-    else:
-      slots = dispatch.capacity_slot_map(decision, self.num_experts, capacity)
-      buffer = dispatch.permute(compute, slots)
-      out = self._call_experts_on_buffer(
-          buffer.reshape(groups, self.num_experts, capacity, embed), enable_dropout)
-      out = out.reshape(groups, self.num_experts * capacity, embed)
-      y = dispatch.combine_choices(dispatch.unpermute(out, slots), decision.combine_weights)
-    if isinstance(decision, routing.ExpertChoiceDecision):
-      kept = decision.valid
-    else:
-      kept = decision.valid & (decision.priority < capacity)
-    return y, kept
+      return self._einsum(x, decision, weights, capacity, dropout_rng)
+    groups, group_size, embed = x.shape
+    buffer = dispatch.expert_choice_gather(x, decision)
+    out = self._experts(
+        weights, buffer.reshape(groups, self.num_experts, capacity, embed), dropout_rng)
+    return dispatch.expert_choice_combine(
+        out.reshape(groups, self.num_experts * capacity, embed), decision, group_size)
 
-  def _dropless(self, x, decision, enable_dropout):
-    """Every assignment is served: grouped (ragged) or block-padded experts."""
+  def _sorted(self, x, decision, weights, capacity, dropout_rng):
+    """Sorted dispatch: each kept assignment owns one slot of its expert's buffer."""
+    groups, _, embed = x.shape
+    slots = dispatch.capacity_slot_map(decision, self.num_experts, capacity)
+    buffer = dispatch.permute(x, slots).reshape(groups, self.num_experts, capacity, embed)
+    out = self._experts(weights, buffer, dropout_rng).reshape(groups, -1, embed)
+    return dispatch.combine_choices(dispatch.unpermute(out, slots), decision.combine_weights)
+
+  def _overflowing(self, x, decision, weights, capacity, dropout_rng):
+    """Dropless on CPU: sorted dispatch at the capacity, then the overflow.
+
+    Assignments past the capacity, if any, run as rows sorted by expert in
+    blocks of one expert (memory bounded by the assignment count). That pass
+    sits in a `lax.cond`, so a load within capacity costs (almost) what
+    'sorted' costs; it is rematerialized in the backward pass, so when it is
+    not taken it holds no activations.
+    """
     groups, group_size, embed = x.shape
     k = decision.expert_index.shape[-1]
-    block_size = self.dropless_block_size or dispatch.default_block_size(
-        groups * group_size * k, self.num_experts)
-    backend = self.dropless_backend
-    if backend == "auto":
-      backend = "ragged" if jax.default_backend() in ("tpu", "gpu") else "blocked"
-    layout = dispatch.dropless_layout(decision, self.num_experts, block_size)
-    tokens = x.reshape(1, groups * group_size, embed).astype(self.dtype)
-    rows = dispatch.permute(tokens, layout.slots)[0]  # [rows, embed]
-    num_rows = rows.shape[0]
-    if backend == "ragged":
-      out = self.expert(rows, layout="ragged", enable_dropout=enable_dropout,
-                        group_sizes=layout.group_sizes, row_expert=layout.row_expert)
-    else:
-      out = self.expert(rows.reshape(num_rows // block_size, block_size, embed),
-                        layout="blocked", enable_dropout=enable_dropout,
-                        block_expert=layout.block_expert)
-    out = out.reshape(1, num_rows, embed)
-    y = dispatch.combine_choices(
-        dispatch.unpermute(out, layout.slots),
-        decision.combine_weights.reshape(1, groups * group_size, k))
-    kept = decision.valid
-    return y.reshape(groups, group_size, embed), jnp.sum(kept), num_rows, kept
+    y = self._sorted(x, decision, weights, capacity, dropout_rng)
+    if capacity >= group_size:
+      return y  # No expert can receive more than a group's tokens.
+    max_rows = groups * k * (group_size - capacity)
+    block_size = dispatch.overflow_block_size(max_rows, self.num_experts)
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
 
-  def _sow_metrics(self, decision, kept, slots_used, num_slots) -> None:
-    """Sows the losses and the load/drop metrics (float32 scalars)."""
+    def overflow(x):
+      layout = dispatch.row_layout(decision, self.num_experts, first_slot=capacity,
+                                   max_rows=max_rows, block_size=block_size)
+      return self._rows(x, decision, weights, layout, rng, block_size=block_size)
+
+    busiest = jnp.max(jnp.where(decision.valid, decision.priority, -1))
+    return y + jax.lax.cond(busiest >= capacity, jax.checkpoint(overflow),
+                            jnp.zeros_like, x)
+
+  def _rows(self, x, decision, weights, layout, dropout_rng, block_size=None):
+    """Runs the assignments of `layout`: grouped matmul, or blocks if given."""
+    groups, group_size, embed = x.shape
+    k = decision.expert_index.shape[-1]
+    tokens = x.reshape(1, groups * group_size, embed)
+    rows = dispatch.permute(tokens, layout.slots)[0]  # [rows, embed]
+    if block_size is None:
+      out = apply_experts(weights, rows, self.activations, group_sizes=layout.group_sizes,
+                          row_expert=layout.row_expert,
+                          dropout_rate=self.expert_dropout_rate, dropout_rng=dropout_rng)
+    else:
+      # [rows, embed] -> [blocks, block_size, embed]; a block's expert is its first row's.
+      block_expert = layout.row_expert[::block_size]
+      out = apply_experts(weights, rows.reshape(-1, block_size, embed), self.activations,
+                          block_expert=block_expert, dropout_rate=self.expert_dropout_rate,
+                          dropout_rng=dropout_rng).reshape(rows.shape)
+    y = dispatch.combine_choices(
+        dispatch.unpermute(out[None], layout.slots),
+        decision.combine_weights.reshape(1, groups * group_size, k))
+    return y.reshape(groups, group_size, embed)
+
+  def _sow_metrics(self, decision, kept, slots) -> None:
+    """Sows the losses and the load/drop metrics (float32 scalars).
+
+    `expert_usage` is the filled share of the expert slots: of the capacity
+    `groups * experts * C` for capacity dispatch (as in the reference) and
+    CPU dropless (whose overflow can push it past 1), 1 for ragged dropless.
+    """
     token_mask = decision.token_mask
     num_real = jnp.maximum(jnp.sum(token_mask), 1)
     if isinstance(decision, routing.ExpertChoiceDecision):
@@ -442,7 +528,7 @@ class MoeLayer(nn.Module):
         "router_z_loss": decision.router_z_loss,
         "fraction_tokens_left_behind":
             1.0 - jnp.sum(served & token_mask) / num_real,
-        "expert_usage": slots_used / num_slots,
+        "expert_usage": jnp.sum(kept) / jnp.maximum(slots, 1),
         "router_confidence":
             jnp.sum(decision.router_probs.max(axis=-1) * token_mask) / num_real,
         "expert_fraction": per_expert / jnp.maximum(jnp.sum(per_expert), 1.0),

@@ -151,9 +151,9 @@ class TestWithTransformersCheckpoints:
   def test_cli_reports_outputs(self, t5_dir, tmp_path, capsys):
     from moe_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
     out = tmp_path / "out"
-    assert cli.main(["hf", str(t5_dir), str(out)]) == 0
+    assert cli.main(["hf", "--checkpoint_dir", str(t5_dir), "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"Wrote checkpoint: {out / 'checkpoint'}" in printed
     assert f"Wrote gin config: {out / 'model.gin'}" in printed
-    assert cli.main(["hf", str(t5_dir), str(out)]) == 1
+    assert cli.main(["hf", "--checkpoint_dir", str(t5_dir), "--output_dir", str(out)]) == 1
     assert "not empty" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax.layers import dispatch
 from moe_jax.layers import moe
 from moe_jax.layers import routing
 from tests.layers import reference_moe
@@ -101,6 +102,63 @@ def test_matches_independent_numpy_moe(dispatch, k, gshard):
       np.asarray(x[0], np.float64), np.asarray(params["router"]["w"], np.float64),
       np.asarray(e["wi_0"]), np.asarray(e["wi_1"]), np.asarray(e["wo"]), k, gshard=gshard)
   np.testing.assert_allclose(np.asarray(y[0]), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("max_rows, experts, expected", [
+    (5632, 8, 1024),   # 704 rows per expert -> 1024
+    (8032, 128, 64),   # 63 -> 64
+    (10, 4, 8),        # at least 8
+])
+def test_overflow_block_size_bounds_blocks(max_rows, experts, expected):
+  block = dispatch.overflow_block_size(max_rows, experts)
+  assert block == expected
+  assert dispatch.row_layout_size(max_rows, experts, block) // block <= 2 * experts
+
+
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_row_layout_sorts_assignments_by_expert(block_size):
+  # 1 group of 3 tokens, k=2, 3 experts; capacity 1 leaves the overflow.
+  decision = routing.TokenChoiceDecision(
+      expert_index=jnp.array([[[0, 1], [0, 2], [0, 1]]]),
+      combine_weights=jnp.ones((1, 3, 2)),
+      priority=jnp.array([[[0, 0], [1, 0], [2, 1]]]),
+      valid=jnp.ones((1, 3, 2), bool), router_probs=jnp.zeros((1, 3, 3)),
+      token_mask=jnp.ones((1, 3), bool), auxiliary_loss=0.0, router_z_loss=0.0)
+  layout = dispatch.row_layout(decision, 3, first_slot=1, block_size=block_size)
+  # Overflow: expert 0 gets tokens 1, 2 (first choices); expert 1 gets token 2.
+  pad = lambda n: -(-n // block_size) * block_size
+  np.testing.assert_array_equal(layout.group_sizes, [pad(2), pad(1), 0])
+  filled = np.asarray(layout.slots.slot_filled[0])
+  tokens = np.asarray(layout.slots.token_of_slot[0])[filled]
+  np.testing.assert_array_equal(tokens, [1, 2, 2])
+  np.testing.assert_array_equal(np.asarray(layout.row_expert)[filled], [0, 0, 1])
+
+
+@pytest.mark.parametrize("dispatch_mode", ["sorted", "dropless"])
+def test_skewed_routing_overflows_capacity(dispatch_mode):
+  # Positive inputs and a router that only scores expert 0: every token's
+  # first choice is expert 0 and its second (a tie, broken by index) expert 1,
+  # so those experts overflow any capacity below the group size.
+  x = jnp.abs(_inputs((1, 16, EMBED), seed=4))
+  layer = _layer(dispatch_mode, routing.TokensChooseRouter(num_selected_experts=2),
+                 eval_capacity_factor=EXPERTS if dispatch_mode == "sorted" else 1.0,
+                 min_expert_capacity=1)
+  params = layer.init(jax.random.PRNGKey(2), x)["params"]
+  params["router"]["w"] = jnp.zeros_like(params["router"]["w"]).at[:, 0].set(1.0)
+  y, state = _jit_apply(layer)({"params": params}, x, mutable=("intermediates",))
+  fractions = moe.collect_moe_metrics(state["intermediates"])["expert_fraction"]
+  np.testing.assert_allclose(fractions, [0.5, 0.5, 0.0, 0.0])
+  e = params["expert"]
+  expected = reference_moe.token_choice_moe(
+      np.asarray(x[0], np.float64), np.asarray(params["router"]["w"], np.float64),
+      np.asarray(e["wi_0"]), np.asarray(e["wi_1"]), np.asarray(e["wo"]), 2)
+  np.testing.assert_allclose(np.asarray(y[0]), expected, atol=1e-5, rtol=1e-4)
+  # Gradients through the overflow pass equal those of a capacity that
+  # fits everything.
+  no_drop = _layer("einsum", routing.TokensChooseRouter(num_selected_experts=2),
+                   train_capacity_factor=EXPERTS, eval_capacity_factor=EXPERTS)
+  _assert_trees_close(_loss_and_grads(layer, params, x)[1],
+                      _loss_and_grads(no_drop, params, x)[1], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch, length, max_group_size, partitions, by_sequence, expected", [
@@ -248,18 +306,19 @@ def test_collect_moe_metrics_averages_over_layers():
   assert moe.collect_moe_metrics({}) == {}
 
 
-@pytest.mark.parametrize("block_size", [None, 8, 64])
-def test_dropless_ragged_and_blocked_backends_agree(block_size):
+@pytest.mark.parametrize("router_name", ["switch", "st_top2"])
+def test_dropless_ragged_and_overflow_backends_agree(router_name):
   # ragged_dot runs densely on CPU but is exact, so it checks the layout the
-  # TPU/GPU path relies on (group sizes, padded rows).
+  # TPU/GPU path relies on (group sizes, row order).
   x = _inputs()
-  layers = {b: _layer("dropless", dropless_backend=b, dropless_block_size=block_size)
-            for b in ("ragged", "blocked")}
-  params = layers["blocked"].init(jax.random.PRNGKey(1), x)["params"]
-  y_r, g_r, _ = _loss_and_grads(layers["ragged"], params, x)
-  y_b, g_b, _ = _loss_and_grads(layers["blocked"], params, x)
-  np.testing.assert_allclose(y_r, y_b, atol=1e-5, rtol=1e-5)
-  _assert_trees_close(g_r, g_b, atol=1e-5, rtol=1e-4)
+  layers = {b: _layer("dropless", ROUTERS[router_name](), dropless_backend=b)
+            for b in ("ragged", "overflow")}
+  params = layers["overflow"].init(jax.random.PRNGKey(1), x)["params"]
+  y_r, g_r, m_r = _loss_and_grads(layers["ragged"], params, x)
+  y_c, g_c, m_c = _loss_and_grads(layers["overflow"], params, x)
+  np.testing.assert_allclose(y_r, y_c, atol=1e-5, rtol=1e-5)
+  _assert_trees_close(g_r, g_c, atol=1e-5, rtol=1e-4)
+  assert float(m_c["fraction_tokens_left_behind"]) == 0.0
 
 
 def test_expert_biases_agree_across_dispatch_modes():
