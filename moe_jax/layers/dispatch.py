@@ -52,10 +52,6 @@ class SlotMap:
   slot_of_choice: types.Array
   choice_kept: types.Array
 
-  @property
-  def num_slots(self) -> int:
-    return self.token_of_slot.shape[1]
-
 
 def slot_map(slot: types.Array, kept: types.Array, num_slots: int) -> SlotMap:
   """Builds the `SlotMap` of assignments `slot` <int32>[groups, size, k]."""
@@ -221,7 +217,7 @@ def capacity_slot_map(decision: routing.TokenChoiceDecision, num_experts: int,
 
 
 # ----------------------------------------------------------------------------
-# dropless dispatch on a grouped matmul
+# expert-sorted rows (dropless)
 # ----------------------------------------------------------------------------
 @flax.struct.dataclass
 class RowLayout:
