@@ -149,6 +149,14 @@ class Router(nn.Module):
       mask = mask & padding_mask
     return mask
 
+  def probabilities(self, inputs: types.Array, num_experts: int,
+                    group_padding: types.Array, padding_mask: Optional[types.Array], *,
+                    enable_dropout: bool):
+    """(logits, softmax probabilities, routed-token mask) of `inputs`."""
+    logits = self.router_logits(inputs, num_experts, enable_dropout=enable_dropout)
+    return (logits, jax.nn.softmax(logits, axis=-1),
+            self.token_mask(inputs, padding_mask, group_padding))
+
 
 def router_z_loss(logits: types.Array, token_mask: types.Array) -> types.Array:
   """Mean of logsumexp(logits)^2 over routed tokens (ST-MoE eq. 5)."""
@@ -255,9 +263,8 @@ class TokensChooseRouter(Router):
     """Routes `inputs` <float>[groups, group_size, embed]."""
     del expert_capacity  # Token choice ranks assignments; dispatch applies capacity.
     self.validate(num_experts)
-    logits = self.router_logits(inputs, num_experts, enable_dropout=enable_dropout)
-    token_mask = self.token_mask(inputs, padding_mask, group_padding)
-    probs = jax.nn.softmax(logits, axis=-1)
+    logits, probs, token_mask = self.probabilities(
+        inputs, num_experts, group_padding, padding_mask, enable_dropout=enable_dropout)
     gates, expert_index = jax.lax.top_k(probs, self.num_selected_experts)
     valid = jnp.broadcast_to(token_mask[..., None], gates.shape)
     return self._decide(logits, probs, token_mask, expert_index,
@@ -331,9 +338,8 @@ class GShardTop2Router(TokensChooseRouter):
                enable_dropout: bool = False) -> TokenChoiceDecision:
     del expert_capacity
     self.validate(num_experts)
-    logits = self.router_logits(inputs, num_experts, enable_dropout=enable_dropout)
-    token_mask = self.token_mask(inputs, padding_mask, group_padding)
-    probs = jax.nn.softmax(logits, axis=-1)
+    logits, probs, token_mask = self.probabilities(
+        inputs, num_experts, group_padding, padding_mask, enable_dropout=enable_dropout)
     gates, expert_index = jax.lax.top_k(probs, 2)
     gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-9)
     policy = self.second_expert_policy if enable_dropout else self.eval_second_expert_policy
@@ -370,9 +376,8 @@ class ExpertChoiceRouter(Router):
       raise ValueError(
           f"Expert choice capacity {expert_capacity} exceeds the group size "
           f"{group_size}; lower the capacity factor or raise max_group_size.")
-    logits = self.router_logits(inputs, num_experts, enable_dropout=enable_dropout)
-    token_mask = self.token_mask(inputs, padding_mask, group_padding)
-    probs = jax.nn.softmax(logits, axis=-1)
+    logits, probs, token_mask = self.probabilities(
+        inputs, num_experts, group_padding, padding_mask, enable_dropout=enable_dropout)
     # Padding ranks below every real token (probabilities are >= 0).
     scores = jnp.where(token_mask[..., None], probs, -1.0)
     # [groups, group_size, experts] -> [groups, experts, group_size]
