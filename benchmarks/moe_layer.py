@@ -107,7 +107,8 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
       expert_mlp_dim=args.d_ff, max_group_size=args.group_size,
       train_capacity_factor=args.capacity_factor,
       capacity_scales_with_k=args.capacity_scales_with_k,
-      dispatch=dispatch_mode, dtype=args.dtype)
+      dispatch=dispatch_mode, dropless_backend=args.dropless_backend,
+      dtype=args.dtype)
   x = _tokens(args)
   variables = jax.jit(lambda key, x: layer.init(key, x, enable_dropout=True))(
       jax.random.PRNGKey(1), x)
@@ -125,6 +126,8 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
               else layer.capacity(group_size, train=True))
   return {
       "dispatch": dispatch_mode,
+      "dropless_backend": (layer.bind(variables)._dropless_backend(args.d_model)
+                           if dispatch_mode == "dropless" else None),
       "router": args.router,
       "experts": num_experts,
       "topk": k,
@@ -145,7 +148,7 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
 
 
 def format_table(rows: List[Dict]) -> str:
-  columns = ["dispatch", "experts", "topk", "group_size", "expert_capacity", "moe_ms",
+  columns = ["dispatch", "dropless_backend", "experts", "topk", "group_size", "expert_capacity", "moe_ms",
              "expert_bound_ms", "dense_equiv_ms", "bound_ratio", "dense_ratio",
              "tokens_per_s", "fraction_dropped"]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -171,6 +174,7 @@ def parse_args(argv=None):
   parser.add_argument("--group_size", type=int, default=1024)
   parser.add_argument("--dispatch", type=lambda s: s.split(","),
                       default=["einsum", "sorted", "dropless"])
+  parser.add_argument("--dropless_backend", choices=moe.DROPLESS_BACKENDS, default="auto")
   parser.add_argument("--router", choices=sorted(ROUTERS), default="tokens_choose")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--repeats", type=int, default=7)

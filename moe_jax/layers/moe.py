@@ -35,6 +35,7 @@ from moe_jax import partitioning
 from moe_jax import types
 from moe_jax.layers import dense
 from moe_jax.layers import dispatch
+from moe_jax.layers import grouped_matmul
 from moe_jax.layers import routing
 
 MOE_METRICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind",
@@ -132,6 +133,7 @@ def apply_experts(
     block_expert: Optional[types.Array] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[types.PRNGKey] = None,
+    grouped_matmul_implementation: str = "auto",
 ) -> types.Array:
   """Runs every expert on its rows.
 
@@ -148,6 +150,8 @@ def apply_experts(
     block_expert: <int32>[blocks] for the block layout.
     dropout_rate: expert dropout on the hidden activations.
     dropout_rng: key for the dropout mask; None disables dropout.
+    grouped_matmul_implementation: `grouped_matmul.gmm`'s implementation for
+      the grouped layout.
 
   Returns:
     Expert outputs shaped like `x`.
@@ -160,7 +164,8 @@ def apply_experts(
     project = lambda a, w: jnp.einsum("eti,eio->eto", a, w)
     expand = lambda b: b[:, None, :]  # [experts, 1, features]
   else:
-    project = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+    project = lambda a, w: grouped_matmul.gmm(
+        a, w, group_sizes, implementation=grouped_matmul_implementation)
     expand = lambda b: jnp.take(b, row_expert, axis=0)
   dropout = None
   if dropout_rng is not None and dropout_rate > 0:
@@ -239,14 +244,18 @@ class MoeLayer(nn.Module):
     dispatch: 'einsum', 'sorted' or 'dropless' (see `moe_jax.layers.dispatch`).
       All three give the same outputs for the same routing decisions;
       'dropless' keeps every assignment and is for token-choice routers only.
-    dropless_backend: how 'dropless' runs the experts. 'ragged': one grouped
-      matmul over all assignments sorted by expert (`jax.lax.ragged_dot`),
-      native on TPU and GPU. 'overflow': 'sorted' dispatch at the configured
+    dropless_backend: how 'dropless' runs the experts. 'ragged': grouped
+      matmuls over all assignments sorted by expert (`grouped_matmul.gmm`:
+      XLA's ragged_dot on TPU, jax's Mosaic GPU grouped kernels on Hopper
+      GPUs in bfloat16). 'overflow': 'sorted' dispatch at the configured
       capacity (batched matmuls, the same all-to-all), plus, only when some
       expert's load exceeds it, the excess as rows sorted by expert in blocks
-      of one expert. This is the CPU path: XLA:CPU lowers ragged_dot to a
-      dense matmul against every expert (E/k times the work). 'auto': ragged
-      on TPU/GPU, overflow on CPU.
+      of one expert. This is the CPU path: XLA:CPU (and XLA:GPU without a
+      grouped kernel) lowers ragged_dot to a dense matmul against every
+      expert (E/k times the work). 'auto': ragged on TPU and where the Mosaic
+      GPU kernels apply, overflow elsewhere.
+    grouped_matmul_implementation: `grouped_matmul.gmm`'s implementation
+      for 'ragged' ('auto', 'xla' or 'mosaic_gpu').
     num_expert_partitions: expert-parallel degree (size of the mesh's
       `expert` axis); must divide `num_experts`.
     dtype: expert computation dtype (router math is always float32).
@@ -269,6 +278,7 @@ class MoeLayer(nn.Module):
   capacity_scales_with_k: bool = False
   dispatch: str = "sorted"
   dropless_backend: str = "auto"
+  grouped_matmul_implementation: str = "auto"
   num_expert_partitions: int = 1
   dtype: types.DType = jnp.float32
   kernel_init: types.Initializer = dense.default_kernel_init
@@ -284,6 +294,11 @@ class MoeLayer(nn.Module):
       raise ValueError(
           f"Unknown dropless_backend {self.dropless_backend!r}; choose one of "
           f"{DROPLESS_BACKENDS}.")
+    if self.grouped_matmul_implementation not in grouped_matmul.IMPLEMENTATIONS:
+      raise ValueError(
+          f"Unknown grouped_matmul_implementation "
+          f"{self.grouped_matmul_implementation!r}; choose one of "
+          f"{grouped_matmul.IMPLEMENTATIONS}.")
     if not isinstance(self.router, routing.Router):
       raise ValueError(
           f"router must be a moe_jax.layers.routing.Router module (e.g. "
@@ -404,7 +419,7 @@ class MoeLayer(nn.Module):
       y = self._sorted(compute, decision, weights, capacity, dropout_rng)
       kept = decision.valid & (decision.priority < capacity)
       slots = groups * self.num_experts * capacity
-    elif self._dropless_backend() == "ragged":
+    elif self._dropless_backend(embed) == "ragged":
       y = self._rows(compute, decision, weights,
                      dispatch.row_layout(decision, self.num_experts), dropout_rng)
       kept = decision.valid
@@ -420,10 +435,15 @@ class MoeLayer(nn.Module):
     y = partitioning.with_sharding_constraint(y, ("batch", "length", "embed"))
     return y.astype(inputs.dtype)
 
-  def _dropless_backend(self) -> str:
+  def _dropless_backend(self, embed: int) -> str:
     if self.dropless_backend != "auto":
       return self.dropless_backend
-    return "ragged" if jax.default_backend() in ("tpu", "gpu") else "overflow"
+    if jax.default_backend() == "tpu":
+      return "ragged"
+    grouped_kernel = not grouped_matmul.mosaic_gpu_unsupported_reason(
+        self.dtype, embed, self.expert_mlp_dim)
+    use_kernel = grouped_kernel and self.grouped_matmul_implementation != "xla"
+    return "ragged" if use_kernel else "overflow"
 
   def _experts(self, weights, buffer, dropout_rng):
     return experts_on_buffer(weights, buffer, self.activations,
@@ -491,7 +511,8 @@ class MoeLayer(nn.Module):
     if block_size is None:
       out = apply_experts(weights, rows, self.activations, group_sizes=layout.group_sizes,
                           row_expert=layout.row_expert,
-                          dropout_rate=self.expert_dropout_rate, dropout_rng=dropout_rng)
+                          dropout_rate=self.expert_dropout_rate, dropout_rng=dropout_rng,
+                          grouped_matmul_implementation=self.grouped_matmul_implementation)
     else:
       # [rows, embed] -> [blocks, block_size, embed]; a block's expert is its first row's.
       block_expert = layout.row_expert[::block_size]
