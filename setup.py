@@ -22,10 +22,13 @@ setuptools.setup(
         ]
     ),
     package_dir={"moe_jax_tasks": "tasks"},
-    package_data={"moe_jax_tasks": ["catalog/*.txt", "catalog/*.tsv", "sample/**/*"]},
+    package_data={
+        "moe_jax_tasks": ["catalog/*.txt", "catalog/*.tsv", "sample/**/*"],
+        "moe_jax.kernels": ["*.cc"],  # Compiled on first use (moe_jax/kernels/cpu_gmm.py).
+    },
     include_package_data=True,
     install_requires=[
-        "jax>=0.4.35,<0.12",
+        "jax>=0.5,<0.12",
         "flax>=0.10,<0.14",
         "optax>=0.2.3,<0.4",
         "orbax-checkpoint>=0.10,<0.14",
@@ -37,6 +40,7 @@ setuptools.setup(
         "clu>=0.0.12",
         "sentencepiece>=0.2",
         "numpy>=1.26",
+        "scipy-openblas32>=0.3.27",  # BLAS of the CPU grouped-matmul kernels.
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

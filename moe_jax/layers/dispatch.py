@@ -243,9 +243,9 @@ def row_layout_size(num_assignments: int, num_experts: int, block_size: int) -> 
 
 
 def row_layout(decision: routing.TokenChoiceDecision, num_experts: int, *,
-               first_slot: int = 0, max_rows: Optional[int] = None,
-               block_size: int = 1) -> RowLayout:
-  """Lays out the assignments with priority >= `first_slot`, expert by expert.
+               first_slot: int = 0, end_slot: Optional[int] = None,
+               max_rows: Optional[int] = None, block_size: int = 1) -> RowLayout:
+  """Lays out the assignments with `first_slot <= priority < end_slot`, by expert.
 
   Groups are merged (nothing is dropped). Each expert's rows start on a
   block boundary, so blocks of `block_size` rows belong to one expert.
@@ -255,6 +255,8 @@ def row_layout(decision: routing.TokenChoiceDecision, num_experts: int, *,
     num_experts: number of experts.
     first_slot: assignments of lower priority are left out (they were served
       by a capacity buffer).
+    end_slot: assignments of this priority and above are left out (dropped
+      past the capacity); None keeps them.
     max_rows: the most assignments there can be (default: all of them).
     block_size: rows per block.
 
@@ -263,6 +265,8 @@ def row_layout(decision: routing.TokenChoiceDecision, num_experts: int, *,
   """
   groups, group_size, k = decision.expert_index.shape
   kept = decision.valid & (decision.priority >= first_slot)
+  if end_slot is not None:
+    kept &= decision.priority < end_slot
   # Assignments per group and expert, to rank across groups.
   counts = jnp.sum(
       jax.nn.one_hot(decision.expert_index, num_experts, dtype=jnp.int32)

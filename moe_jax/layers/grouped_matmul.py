@@ -19,7 +19,14 @@ Implementations:
     `transposed_ragged_dot_mgpu`, wgmma tensor-core kernels): each row tile
     meets its own expert's weights only. Hopper GPUs (compute capability 9.x),
     bfloat16/float16, feature sizes that are multiples of the block sizes.
-  'auto': 'mosaic_gpu' where it applies, else 'xla'.
+  'cpu_blas': XLA FFI custom calls (`moe_jax/kernels/cpu_gmm.cc`) that run one
+    OpenBLAS sgemm per expert over exactly its rows, compiled on first use.
+    XLA:CPU has no grouped kernel; these compute no padding at all and, on
+    the benchmark's shapes, are faster per row than XLA:CPU's batched dot.
+    float32, CPU backend; 'auto' picks it only with a single device (the
+    custom call has no partitioning rule, so under a multi-device mesh GSPMD
+    would gather its operands onto every device).
+  'auto': 'mosaic_gpu' or 'cpu_blas' where they apply, else 'xla'.
 """
 
 import dataclasses
@@ -31,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import types
+from moe_jax.kernels import cpu_gmm
 
-IMPLEMENTATIONS = ("auto", "xla", "mosaic_gpu")
+IMPLEMENTATIONS = ("auto", "xla", "mosaic_gpu", "cpu_blas")
 _MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -79,18 +87,50 @@ def mosaic_gpu_unsupported_reason(x_dtype, in_features: int, out_features: int,
   return ""
 
 
+def cpu_blas_unsupported_reason(x_dtype, *, single_device: bool = True) -> str:
+  """Why the CPU BLAS kernels cannot run this product here ('' if they can)."""
+  if jax.default_backend() != "cpu":
+    return f"the default backend is {jax.default_backend()!r}, not the CPU"
+  if single_device and jax.device_count() != 1:
+    return f"there are {jax.device_count()} devices; the kernels have no partitioning rule"
+  if jnp.dtype(x_dtype) != jnp.float32:
+    return f"dtype {jnp.dtype(x_dtype).name} is not float32"
+  return cpu_gmm.unavailable_reason()
+
+
+def efficient_implementation(x_dtype, in_features: int, out_features: int) -> str:
+  """The implementation that computes only each row's own expert ('' if none).
+
+  'xla' on TPU, 'mosaic_gpu' on Hopper GPUs, 'cpu_blas' on a single-device
+  CPU; '' where the only grouped product is XLA's dense lowering.
+  """
+  if jax.default_backend() == "tpu":
+    return "xla"
+  if not mosaic_gpu_unsupported_reason(x_dtype, in_features, out_features):
+    return "mosaic_gpu"
+  if not cpu_blas_unsupported_reason(x_dtype):
+    return "cpu_blas"
+  return ""
+
+
 def resolve_implementation(implementation: str, x_dtype, in_features: int,
                            out_features: int) -> str:
   """Maps 'auto' to a concrete implementation; checks an explicit one."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown grouped matmul implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}.")
-  reason = mosaic_gpu_unsupported_reason(x_dtype, in_features, out_features)
   if implementation == "auto":
-    return "xla" if reason else "mosaic_gpu"
-  if implementation == "mosaic_gpu" and reason:
-    raise ValueError(f"grouped matmul implementation 'mosaic_gpu' cannot run here: "
-                     f"{reason}. Use implementation='xla' (or 'auto').")
+    return efficient_implementation(x_dtype, in_features, out_features) or "xla"
+  if implementation == "mosaic_gpu":
+    reason = mosaic_gpu_unsupported_reason(x_dtype, in_features, out_features)
+  elif implementation == "cpu_blas":
+    # Asked for by name, several devices are allowed: exact, if not parallel.
+    reason = cpu_blas_unsupported_reason(x_dtype, single_device=False)
+  else:
+    reason = ""
+  if reason:
+    raise ValueError(f"grouped matmul implementation {implementation!r} cannot run "
+                     f"here: {reason}. Use implementation='xla' (or 'auto').")
   return implementation
 
 
@@ -105,6 +145,12 @@ def _forward_product(x, w, group_sizes, implementation: str, transpose_rhs: bool
   if implementation == "xla":
     return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose_rhs else w,
                               group_sizes)
+  if implementation == "cpu_blas":
+    out_features = w.shape[1] if transpose_rhs else w.shape[2]
+    return jax.ffi.ffi_call(
+        cpu_gmm.GROUPED_MATMUL_TARGET,
+        jax.ShapeDtypeStruct((x.shape[0], out_features), x.dtype),
+        vmap_method="sequential")(x, w, group_sizes, transpose_rhs=transpose_rhs)
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # GPU-only import.
   out = ragged_dot_mgpu.ragged_dot(
       x, w, group_sizes=group_sizes, transpose_rhs=transpose_rhs,
@@ -120,6 +166,11 @@ def _weight_product(x, dy, group_sizes, implementation: str):
         ragged_dot_dimension_numbers=jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(((0,), (0,)), ((), ())),
             lhs_ragged_dimensions=[0], rhs_group_dimensions=[]))
+  if implementation == "cpu_blas":
+    return jax.ffi.ffi_call(
+        cpu_gmm.WEIGHT_GRADIENT_TARGET,
+        jax.ShapeDtypeStruct((group_sizes.shape[0], x.shape[1], dy.shape[1]), x.dtype),
+        vmap_method="sequential")(x, dy, group_sizes)
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
   return transposed_ragged_dot_mgpu.transposed_ragged_dot(
       x, dy, group_sizes=group_sizes, **DEFAULT_BLOCKS.kernel_kwargs())

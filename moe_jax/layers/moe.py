@@ -247,15 +247,19 @@ class MoeLayer(nn.Module):
     dropless_backend: how 'dropless' runs the experts. 'ragged': grouped
       matmuls over all assignments sorted by expert (`grouped_matmul.gmm`:
       XLA's ragged_dot on TPU, jax's Mosaic GPU grouped kernels on Hopper
-      GPUs in bfloat16). 'overflow': 'sorted' dispatch at the configured
+      GPUs in bfloat16, our OpenBLAS kernels on a single-device CPU in
+      float32). 'overflow': 'sorted' dispatch at the configured
       capacity (batched matmuls, the same all-to-all), plus, only when some
       expert's load exceeds it, the excess as rows sorted by expert in blocks
       of one expert. This is the CPU path: XLA:CPU (and XLA:GPU without a
       grouped kernel) lowers ragged_dot to a dense matmul against every
-      expert (E/k times the work). 'auto': ragged on TPU and where the Mosaic
-      GPU kernels apply, overflow elsewhere.
+      expert (E/k times the work). 'auto': ragged where a grouped kernel
+      applies (TPU, Mosaic GPU, CPU BLAS), overflow elsewhere.
     grouped_matmul_implementation: `grouped_matmul.gmm`'s implementation
-      for 'ragged' ('auto', 'xla' or 'mosaic_gpu').
+      for 'ragged' ('auto', 'xla', 'mosaic_gpu' or 'cpu_blas'). With
+      'cpu_blas' (what 'auto' picks on a single-device CPU in float32),
+      'sorted' also runs its kept assignments as exact rows on those kernels
+      instead of padded capacity buffers: the same assignments, no padding.
     num_expert_partitions: expert-parallel degree (size of the mesh's
       `expert` axis); must divide `num_experts`.
     dtype: expert computation dtype (router math is always float32).
@@ -416,9 +420,15 @@ class MoeLayer(nn.Module):
       kept = decision.valid & (decision.priority < capacity)
       slots = groups * self.num_experts * capacity
     elif self.dispatch == "sorted":
-      y = self._sorted(compute, decision, weights, capacity, dropout_rng)
       kept = decision.valid & (decision.priority < capacity)
       slots = groups * self.num_experts * capacity
+      if self._rows_for_capacity(embed):
+        layout = dispatch.row_layout(
+            decision, self.num_experts, end_slot=capacity,
+            max_rows=min(groups * group_size * decision.expert_index.shape[-1], slots))
+        y = self._rows(compute, decision, weights, layout, dropout_rng)
+      else:
+        y = self._sorted(compute, decision, weights, capacity, dropout_rng)
     elif self._dropless_backend(embed) == "ragged":
       y = self._rows(compute, decision, weights,
                      dispatch.row_layout(decision, self.num_experts), dropout_rng)
@@ -435,15 +445,28 @@ class MoeLayer(nn.Module):
     y = partitioning.with_sharding_constraint(y, ("batch", "length", "embed"))
     return y.astype(inputs.dtype)
 
+  def _grouped_kernel(self, embed: int) -> str:
+    """The grouped matmul that computes only each row's expert ('' if none)."""
+    efficient = grouped_matmul.efficient_implementation(
+        self.dtype, embed, self.expert_mlp_dim)
+    requested = self.grouped_matmul_implementation
+    if requested == "auto":
+      return efficient
+    return requested if requested != "xla" or efficient == "xla" else ""
+
+  def _rows_for_capacity(self, embed: int) -> bool:
+    """Whether 'sorted' runs its kept assignments as exact rows, no buffer.
+
+    Only with the CPU BLAS kernels (which compute no padding and need no
+    expert-parallel all-to-all); batched matmuls over the padded buffer are
+    faster on accelerators.
+    """
+    return self._grouped_kernel(embed) == "cpu_blas" and self.num_expert_partitions == 1
+
   def _dropless_backend(self, embed: int) -> str:
     if self.dropless_backend != "auto":
       return self.dropless_backend
-    if jax.default_backend() == "tpu":
-      return "ragged"
-    grouped_kernel = not grouped_matmul.mosaic_gpu_unsupported_reason(
-        self.dtype, embed, self.expert_mlp_dim)
-    use_kernel = grouped_kernel and self.grouped_matmul_implementation != "xla"
-    return "ragged" if use_kernel else "overflow"
+    return "ragged" if self._grouped_kernel(embed) else "overflow"
 
   def _experts(self, weights, buffer, dropout_rng):
     return experts_on_buffer(weights, buffer, self.activations,

@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax.kernels import cpu_gmm
 from moe_jax.layers import grouped_matmul
+
+needs_cpu_kernels = pytest.mark.skipif(
+    cpu_gmm.unavailable_reason() != "",
+    reason=f"CPU grouped matmul kernels unavailable: {cpu_gmm.unavailable_reason()}")
+EXACT_IMPLEMENTATIONS = ["xla", pytest.param("cpu_blas", marks=needs_cpu_kernels)]
 
 GROUP_SIZES = [
     [3, 5, 4, 4],    # every row owned
@@ -39,25 +45,27 @@ def _inputs(dtype, rows=16, experts=4, din=8, dout=6):
           jax.random.normal(kd, (rows, dout), dtype))
 
 
+@pytest.mark.parametrize("implementation", EXACT_IMPLEMENTATIONS)
 @pytest.mark.parametrize("sizes", GROUP_SIZES)
-def test_xla_forward_and_gradients_match_reference(sizes):
+def test_forward_and_gradients_match_reference(sizes, implementation):
   x, w, dy = _inputs(jnp.float32)
   group_sizes = jnp.array(sizes, jnp.int32)
   out, vjp = jax.vjp(lambda x, w: grouped_matmul.gmm(
-      x, w, group_sizes, implementation="xla"), x, w)
+      x, w, group_sizes, implementation=implementation), x, w)
   ref, ref_vjp = jax.vjp(lambda x, w: _reference(x, w, group_sizes), x, w)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   for got, want in zip(vjp(dy), ref_vjp(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_past_groups_get_no_gradient_and_zero_output():
+@pytest.mark.parametrize("implementation", EXACT_IMPLEMENTATIONS)
+def test_rows_past_groups_get_no_gradient_and_zero_output(implementation):
   x, w, dy = _inputs(jnp.float32)
   group_sizes = jnp.array([2, 0, 3, 0], jnp.int32)
-  out = grouped_matmul.gmm(x, w, group_sizes, implementation="xla")
+  out = grouped_matmul.gmm(x, w, group_sizes, implementation=implementation)
   assert np.all(np.asarray(out[5:]) == 0)
-  dx, dw = jax.grad(lambda x, w: jnp.sum(grouped_matmul.gmm(
-      x, w, group_sizes, implementation="xla") * dy), argnums=(0, 1))(x, w)
+  dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped_matmul.gmm(
+      x, w, group_sizes, implementation=implementation) * dy), argnums=(0, 1)))(x, w)
   assert np.all(np.asarray(dx[5:]) == 0)
   assert np.all(np.asarray(dw[1]) == 0) and np.all(np.asarray(dw[3]) == 0)
   # Expert 0's gradient is the hand-written x_0^T dy_0.
@@ -93,6 +101,26 @@ def test_mosaic_gpu_refuses_clearly_where_it_cannot_run():
   with pytest.raises(ValueError, match="cannot run here.*implementation='xla'"):
     grouped_matmul.gmm(x, w, jnp.array([4, 4, 4, 4], jnp.int32),
                        implementation="mosaic_gpu")
+
+
+def test_cpu_blas_refuses_bfloat16():
+  x, w, _ = _inputs(jnp.bfloat16)
+  with pytest.raises(ValueError, match="bfloat16 is not float32"):
+    grouped_matmul.gmm(x, w, jnp.array([4, 4, 4, 4], jnp.int32), implementation="cpu_blas")
+
+
+@needs_cpu_kernels
+def test_cpu_blas_rejects_group_sizes_beyond_the_rows():
+  x, w, _ = _inputs(jnp.float32)
+  with pytest.raises(Exception, match="group_sizes sum to more than the row count"):
+    jax.block_until_ready(grouped_matmul.gmm(
+        x, w, jnp.array([8, 8, 8, 8], jnp.int32), implementation="cpu_blas"))
+
+
+def test_auto_keeps_xla_dense_lowering_out_of_multi_device_cpu():
+  # conftest gives 8 CPU devices: the custom call has no partitioning rule.
+  assert grouped_matmul.efficient_implementation(jnp.float32, 8, 6) == ""
+  assert grouped_matmul.resolve_implementation("auto", jnp.float32, 8, 6) == "xla"
 
 
 @pytest.mark.parametrize("kwargs, message", [

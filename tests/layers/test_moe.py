@@ -5,12 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax.kernels import cpu_gmm
 from moe_jax.layers import dispatch
 from moe_jax.layers import moe
 from moe_jax.layers import routing
 from tests.layers import reference_moe
 
 EMBED, FF, EXPERTS = 8, 16, 4
+CPU_BLAS = pytest.param("cpu_blas", marks=pytest.mark.skipif(
+    cpu_gmm.unavailable_reason() != "",
+    reason=f"CPU grouped matmul kernels unavailable: {cpu_gmm.unavailable_reason()}"))
 
 
 def _layer(dispatch="sorted", router=None, **kwargs):
@@ -72,13 +76,16 @@ def test_all_dispatch_modes_agree_when_nothing_drops(router_name):
     _assert_trees_close(results[d][1], results["einsum"][1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["auto", CPU_BLAS])
 @pytest.mark.parametrize("router_name", sorted(ROUTERS) + ["expert_choice"])
-def test_einsum_and_sorted_agree_exactly_when_dropping(router_name):
+def test_einsum_and_sorted_agree_exactly_when_dropping(router_name, implementation):
+  # With 'cpu_blas', 'sorted' runs the kept assignments as exact rows.
   x = _inputs()
   router = (routing.ExpertChoiceRouter() if router_name == "expert_choice"
             else ROUTERS[router_name]())
   kwargs = dict(train_capacity_factor=0.5, eval_capacity_factor=0.5, min_expert_capacity=1)
-  einsum_layer, sorted_layer = _layer("einsum", router, **kwargs), _layer("sorted", router, **kwargs)
+  einsum_layer = _layer("einsum", router, **kwargs)
+  sorted_layer = _layer("sorted", router, grouped_matmul_implementation=implementation, **kwargs)
   params = einsum_layer.init(jax.random.PRNGKey(1), x)["params"]
   y_e, g_e, m_e = _loss_and_grads(einsum_layer, params, x)
   y_s, g_s, m_s = _loss_and_grads(sorted_layer, params, x)
@@ -306,12 +313,14 @@ def test_collect_moe_metrics_averages_over_layers():
   assert moe.collect_moe_metrics({}) == {}
 
 
+@pytest.mark.parametrize("implementation", ["xla", CPU_BLAS])
 @pytest.mark.parametrize("router_name", ["switch", "st_top2"])
-def test_dropless_ragged_and_overflow_backends_agree(router_name):
-  # ragged_dot runs densely on CPU but is exact, so it checks the layout the
-  # TPU/GPU path relies on (group sizes, row order).
+def test_dropless_ragged_and_overflow_backends_agree(router_name, implementation):
+  # XLA's ragged_dot runs densely on CPU but is exact, so it checks the layout
+  # every grouped kernel relies on (group sizes, row order).
   x = _inputs()
-  layers = {b: _layer("dropless", ROUTERS[router_name](), dropless_backend=b)
+  layers = {b: _layer("dropless", ROUTERS[router_name](), dropless_backend=b,
+                      grouped_matmul_implementation=implementation)
             for b in ("ragged", "overflow")}
   params = layers["overflow"].init(jax.random.PRNGKey(1), x)["params"]
   y_r, g_r, m_r = _loss_and_grads(layers["ragged"], params, x)
@@ -321,9 +330,11 @@ def test_dropless_ragged_and_overflow_backends_agree(router_name):
   assert float(m_c["fraction_tokens_left_behind"]) == 0.0
 
 
-def test_expert_biases_agree_across_dispatch_modes():
+@pytest.mark.parametrize("implementation", ["auto", CPU_BLAS])
+def test_expert_biases_agree_across_dispatch_modes(implementation):
   x = _inputs()
-  layers = {d: _layer(d, use_bias=True, eval_capacity_factor=EXPERTS)
+  layers = {d: _layer(d, use_bias=True, eval_capacity_factor=EXPERTS,
+                      grouped_matmul_implementation=implementation)
             for d in ("einsum", "sorted", "dropless")}
   params = layers["einsum"].init(jax.random.PRNGKey(1), x)["params"]
   # Biases start at zero; make them matter.

@@ -1,0 +1,1 @@
+"""Compiled kernels (XLA FFI custom calls) used by moe_jax.layers."""
