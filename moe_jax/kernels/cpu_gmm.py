@@ -11,7 +11,6 @@ XLA's own ops instead.
 """
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import logging
@@ -53,9 +52,10 @@ def _compile(output: str, openblas) -> None:
 def unavailable_reason() -> str:
   """Builds (if needed) and registers the kernels; '' on success, else why not."""
   try:
+    import fcntl  # pylint: disable=g-import-not-at-top
     import scipy_openblas32  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return "the scipy-openblas32 package is not installed"
+  except ImportError as error:
+    return f"{error.name} is not available ({error})"
   with open(_SOURCE, "rb") as source:
     key = hashlib.sha256(source.read() + jaxlib.__version__.encode()
                          + scipy_openblas32.get_lib_dir().encode()).hexdigest()[:16]
