@@ -48,29 +48,41 @@ def _compile(output: str, openblas) -> None:
   os.replace(temporary, output)
 
 
-@functools.lru_cache(maxsize=None)
-def unavailable_reason() -> str:
-  """Builds (if needed) and registers the kernels; '' on success, else why not."""
-  try:
-    import fcntl  # pylint: disable=g-import-not-at-top
-    import scipy_openblas32  # pylint: disable=g-import-not-at-top
-  except ImportError as error:
-    return f"{error.name} is not available ({error})"
+def build() -> str:
+  """Path of the kernels' shared library, compiled first if not cached.
+
+  Raises:
+    ImportError: no scipy-openblas32 (or no fcntl on this platform).
+    RuntimeError: no compiler, or the compilation failed.
+    OSError: the cache directory is not writable.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import scipy_openblas32  # pylint: disable=g-import-not-at-top
   with open(_SOURCE, "rb") as source:
     key = hashlib.sha256(source.read() + jaxlib.__version__.encode()
                          + scipy_openblas32.get_lib_dir().encode()).hexdigest()[:16]
   directory = cache_dir()
   library = os.path.join(directory, f"cpu_gmm-{key}.so")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f"cpu_gmm-{key}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # One compiler per cache, across processes.
+    if not os.path.exists(library):
+      _compile(library, scipy_openblas32)
+  return library
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str:
+  """Builds (if needed) and registers the kernels, once per process.
+
+  Returns:
+    '' once the custom calls are registered, else why they are not.
+  """
   try:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"cpu_gmm-{key}.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # One compiler per cache, across processes.
-      if not os.path.exists(library):
-        _compile(library, scipy_openblas32)
-    handle = ctypes.cdll.LoadLibrary(library)
-  except (OSError, RuntimeError) as error:
+    handle = ctypes.cdll.LoadLibrary(build())
+  except (ImportError, OSError, RuntimeError) as error:
     logging.warning("moe_jax CPU grouped matmul kernels unavailable: %s", error)
-    return str(error)
+    return f"{type(error).__name__}: {error}"
   jax.ffi.register_ffi_target(GROUPED_MATMUL_TARGET,
                               jax.ffi.pycapsule(handle.MoeJaxCpuGroupedMatmul),
                               platform="cpu")
