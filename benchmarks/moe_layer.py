@@ -148,9 +148,9 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
 
 
 def format_table(rows: List[Dict]) -> str:
-  columns = ["dispatch", "dropless_backend", "experts", "topk", "group_size", "expert_capacity", "moe_ms",
-             "expert_bound_ms", "dense_equiv_ms", "bound_ratio", "dense_ratio",
-             "tokens_per_s", "fraction_dropped"]
+  columns = ["dispatch", "dropless_backend", "experts", "topk", "group_size",
+             "expert_capacity", "moe_ms", "expert_bound_ms", "dense_equiv_ms", "bound_ratio",
+             "dense_ratio", "tokens_per_s", "fraction_dropped"]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:
     lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")

@@ -69,9 +69,9 @@ class MosaicGpuBlocks:
 DEFAULT_BLOCKS = MosaicGpuBlocks()
 
 
-def mosaic_gpu_unsupported_reason(x_dtype, in_features: int, out_features: int,
-                                  blocks: MosaicGpuBlocks = DEFAULT_BLOCKS) -> str:
+def mosaic_gpu_unsupported_reason(x_dtype, in_features: int, out_features: int) -> str:
   """Why the Mosaic GPU kernels cannot run this product here ('' if they can)."""
+  blocks = DEFAULT_BLOCKS  # Read at call time: the tiles the kernels will use.
   if jax.default_backend() != "gpu":
     return f"the default backend is {jax.default_backend()!r}, not a GPU"
   capability = getattr(jax.devices()[0], "compute_capability", "")
@@ -111,6 +111,15 @@ def efficient_implementation(x_dtype, in_features: int, out_features: int) -> st
   if not cpu_blas_unsupported_reason(x_dtype):
     return "cpu_blas"
   return ""
+
+
+def grouped_kernel(implementation: str, x_dtype, in_features: int,
+                   out_features: int) -> str:
+  """What `gmm(..., implementation)` runs, or '' where that is XLA's dense lowering."""
+  efficient = efficient_implementation(x_dtype, in_features, out_features)
+  if implementation == "auto":
+    return efficient
+  return implementation if implementation != "xla" or efficient == "xla" else ""
 
 
 def resolve_implementation(implementation: str, x_dtype, in_features: int,

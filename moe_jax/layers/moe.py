@@ -447,12 +447,8 @@ class MoeLayer(nn.Module):
 
   def _grouped_kernel(self, embed: int) -> str:
     """The grouped matmul that computes only each row's expert ('' if none)."""
-    efficient = grouped_matmul.efficient_implementation(
-        self.dtype, embed, self.expert_mlp_dim)
-    requested = self.grouped_matmul_implementation
-    if requested == "auto":
-      return efficient
-    return requested if requested != "xla" or efficient == "xla" else ""
+    return grouped_matmul.grouped_kernel(self.grouped_matmul_implementation, self.dtype,
+                                         embed, self.expert_mlp_dim)
 
   def _rows_for_capacity(self, embed: int) -> bool:
     """Whether 'sorted' runs its kept assignments as exact rows, no buffer.
