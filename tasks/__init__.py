@@ -6,13 +6,23 @@ bundled sample mixtures. It imports seqio and TensorFlow only (never jax) and re
 no data file: sources are resolved when a dataset is built.
 """
 
-from moe_jax_tasks.catalog import catalog as _catalog_data
-from moe_jax_tasks import config
-from moe_jax_tasks import registry
-from moe_jax_tasks import mixtures
-from moe_jax_tasks import sample
-from moe_jax_tasks.evals import suite as _eval_suite
-from moe_jax_tasks.registry import TaskRecord
+from moe_jax_tasks import startup
+
+# `python -m moe_jax_tasks` imports this package, TensorFlow included, before its
+# __main__ parses flags: the command line's quiet start has to begin here.
+if startup.quiet_command_line(__name__):
+  startup.import_tensorflow_quietly()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from moe_jax_tasks.catalog import catalog as _catalog_data  # noqa: E402
+from moe_jax_tasks import config  # noqa: E402
+from moe_jax_tasks import registry  # noqa: E402
+from moe_jax_tasks import mixtures  # noqa: E402
+from moe_jax_tasks import sample  # noqa: E402
+from moe_jax_tasks import pretraining  # noqa: E402
+from moe_jax_tasks.evals import suite as _eval_suite  # noqa: E402
+from moe_jax_tasks.registry import TaskRecord  # noqa: E402
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def catalog(mixture: str | None = None) -> list[TaskRecord]:

@@ -10,6 +10,8 @@ from typing import Optional
 
 import gin
 
+from moe_jax_tasks import errors
+
 DEFAULT_VOCAB = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
 DEFAULT_VOCAB_EXTRA_IDS = 100
 
@@ -29,11 +31,12 @@ def data_dir(path: Optional[str] = None) -> str:
     The data root, without a trailing slash.
 
   Raises:
-    ValueError: when neither the binding nor the environment variable is set.
+    errors.UsageError: (a ValueError) when neither the binding nor the environment
+      variable is set.
   """
   path = path or os.environ.get("FLAN_DATA_DIR")
   if not path:
-    raise ValueError(
+    raise errors.UsageError(
         "No Flan data root is configured. Set the environment variable "
         "FLAN_DATA_DIR=/path/or/gs://bucket/path, or bind "
         "`moe_jax_tasks.config.data_dir.path` in gin. Build a data root with "

@@ -1,8 +1,12 @@
-"""Formats as seqio preprocessors: zero-shot, few-shot, options, input inversion.
+"""The collection's formats: their one table, and their rendering as preprocessors.
 
-Input: normalized examples (text fields as scalar strings, `answer`, optionally
-`options` as a 1-D string tensor and, for NIv2, `_exemplars`: the task's own
-demonstrations as 1-D tensors keyed like the fields). Output: `inputs` / `targets`
+`FORMATS` names every format (the suffix of a seqio task name), how it renders
+(zero-shot, few-shot, options, x-shot) and the mixture settings (`SETTINGS`) it is
+mixed in; the registry and the mixtures both read it.
+
+Rendering input: normalized examples (text fields as scalar strings, `answer`,
+optionally `options` as a 1-D string tensor and, for NIv2, `_exemplars`: the task's
+own demonstrations as 1-D tensors keyed like the fields). Output: `inputs` / `targets`
 strings plus the metadata features `_task_name`, `_task_source`, `_template_idx`,
 `_template_type`.
 
@@ -13,6 +17,7 @@ the same normalized fields with an inversion template group, whose target is the
 original input.
 """
 
+import dataclasses
 import string
 import zlib
 from typing import Mapping, NamedTuple, Optional, Sequence
@@ -22,9 +27,65 @@ import tensorflow as tf
 
 from moe_jax_tasks import templates as templates_lib
 
+
+class Setting(NamedTuple):
+  """A setting of the collection's mixtures (`<submix>_<name>`, e.g. `t0_fsopt`)."""
+  name: str
+  zero_shot: bool
+  with_options: bool
+
+
+SETTINGS = (Setting("zsopt", True, True), Setting("zsnoopt", True, False),
+            Setting("fsopt", False, True), Setting("fsnoopt", False, False))
+
+
+def template_type(zero_shot: bool, with_options: bool) -> str:
+  """The collection's `_template_type`: zs_opt, zs_noopt, fs_opt or fs_noopt."""
+  return f"{'zs' if zero_shot else 'fs'}_{'opt' if with_options else 'noopt'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """One rendering of a task.
+
+  Attributes:
+    name: suffix of the seqio task name.
+    for_options: whether tasks with answer options (or those without) get it.
+    with_options: write the answer options.
+    num_shots: 0 for zero-shot; else exemplars per prompt (most, for x-shot).
+    same_template: x-shot (exemplars under the query's template).
+    settings: names of the mixture settings it is mixed in.
+  """
+  name: str
+  for_options: bool
+  with_options: bool
+  num_shots: int = 0
+  same_template: bool = False
+  settings: tuple[str, ...] = ()
+
+
+# `fs5` is the 5-shot template mix, `xs` the same-template x-shot (1-4 exemplars).
+# Tasks without options render no option list, so their formats serve the settings
+# with and without options alike; few-shot without options mixes the x-shot only.
+FORMATS = (
+    Format("zs_opt", True, True, settings=("zsopt",)),
+    Format("zs_noopt", True, False, settings=("zsnoopt",)),
+    Format("fs5_opt", True, True, 5, settings=("fsopt",)),
+    Format("fs5_noopt", True, False, 5),
+    Format("xs_opt", True, True, 4, True, settings=("fsopt",)),
+    Format("xs_noopt", True, False, 4, True, settings=("fsnoopt",)),
+    Format("zs", False, False, settings=("zsopt", "zsnoopt")),
+    Format("fs5", False, False, 5, settings=("fsopt",)),
+    Format("xs", False, False, 4, True, settings=("fsopt", "fsnoopt")),
+)
+
+
+def formats_for(has_options: bool) -> tuple[Format, ...]:
+  """The formats a task gets, in table order."""
+  return tuple(f for f in FORMATS if f.for_options == has_options)
+
+
 AUTOTUNE = tf.data.AUTOTUNE
-# Template types, as in the collection: zero-/few-shot, with/without options.
-ZS_OPT, ZS_NOOPT, FS_OPT, FS_NOOPT = "zs_opt", "zs_noopt", "fs_opt", "fs_noopt"
 SHOT_DELIMITER = "\n"  # between an exemplar's input and its target
 _EXEMPLARS = "_exemplars"
 
@@ -154,11 +215,11 @@ def _render_all(templates, fields, part: str, where: str) -> tf.Tensor:
                    for i, t in enumerate(templates)])
 
 
-def _metadata(task_name, task_source, template_idx, template_type) -> dict:
+def _metadata(task_name, task_source, template_idx, type_name) -> dict:
   return {"_task_name": tf.constant(task_name),
           "_task_source": tf.constant(task_source),
           "_template_idx": tf.cast(template_idx, tf.int32),
-          "_template_type": tf.constant(template_type)}
+          "_template_type": tf.constant(type_name)}
 
 
 def zero_shot(dataset: tf.data.Dataset, *, group: str, with_options: bool,
@@ -179,7 +240,7 @@ def zero_shot(dataset: tf.data.Dataset, *, group: str, with_options: bool,
   templates = templates_lib.group(group)
   n = len(templates)
   where = f"{task_name} ({group})"
-  template_type = ZS_OPT if with_options else ZS_NOOPT
+  type_name = template_type(True, with_options)
 
   def render(index, ex):
     fields = _with_option_styles(ex, with_options)
@@ -191,7 +252,7 @@ def zero_shot(dataset: tf.data.Dataset, *, group: str, with_options: bool,
         styled, "inputs", where), t)
     targets = tf.gather(_render_all(templates, styled, "targets", where), t)
     return {"inputs": _tidy(inputs), "targets": _tidy(targets),
-            **_metadata(task_name, task_source, t, template_type)}
+            **_metadata(task_name, task_source, t, type_name)}
 
   return dataset.enumerate().map(render, num_parallel_calls=AUTOTUNE)
 
@@ -261,7 +322,7 @@ def few_shot(dataset: tf.data.Dataset,
   where = f"{task_name} ({group}, few-shot)"
   separator = separator_for(task_name) if separator is None else separator
   vocabulary = output_features["inputs"].vocabulary
-  template_type = FS_OPT if with_options else FS_NOOPT
+  type_name = template_type(False, with_options)
   has_exemplars = _EXEMPLARS in dataset.element_spec
   prepared = dataset.map(lambda ex: _with_option_styles(ex, with_options),
                          num_parallel_calls=AUTOTUNE)
@@ -319,7 +380,7 @@ def few_shot(dataset: tf.data.Dataset,
     targets = tf.gather(_render_all(templates, query_fields, "targets", where), t)
     return {"inputs": inputs, "targets": _tidy(targets),
             "_num_shots": tf.reduce_sum(tf.cast(keep, tf.int32)),
-            **_metadata(task_name, task_source, t, template_type)}
+            **_metadata(task_name, task_source, t, type_name)}
 
   assembled = pairs.map(assemble, num_parallel_calls=AUTOTUNE)
   return assembled.filter(lambda ex: ex["_num_shots"] > 0)

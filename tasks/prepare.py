@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional
 import tensorflow as tf
 
 from moe_jax_tasks.catalog import catalog as catalog_lib
+from moe_jax_tasks import errors
 
 Fetch = Callable[[str], bytes]
 PARTS = ("niv2", "cot", "tfds", "p3", "eval")
@@ -48,9 +49,19 @@ MGSM_URL = ("https://raw.githubusercontent.com/google-research/url-nlp/main/mgsm
             "mgsm_{language}.tsv")
 
 
+class DownloadError(errors.Error, OSError):
+  """A public source could not be downloaded."""
+
+
 def urllib_fetch(url: str) -> bytes:
-  with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310
-    return response.read()
+  try:
+    with urllib.request.urlopen(url, timeout=120) as response:  # noqa: S310
+      return response.read()
+  except OSError as error:  # URLError, HTTPError and timeouts among them.
+    raise DownloadError(
+        f"Cannot download {url} ({error}). `prepare` needs internet: run it where "
+        "there is and copy DIR here; files already written are kept, so a re-run "
+        "resumes.") from error
 
 
 def _write(path: str, data: bytes) -> None:
@@ -182,11 +193,13 @@ def prepare(out: str, parts: Iterable[str] = PARTS, only: Optional[set] = None,
     tfds_module: the tensorflow_datasets module (or a fake with the same calls).
 
   Raises:
-    ValueError: for an unknown part.
+    errors.UsageError: (a ValueError) for an unknown part.
+    DownloadError: when a source cannot be downloaded.
   """
   unknown = set(parts) - set(PARTS)
   if unknown:
-    raise ValueError(f"Unknown prepare parts {sorted(unknown)}; choose from {PARTS}.")
+    raise errors.UsageError(
+        f"Unknown prepare parts {sorted(unknown)}; choose from {PARTS}.")
   if tfds_module is None and {"tfds", "p3"} & set(parts):
     import tensorflow_datasets as tfds_module  # pylint: disable=g-import-not-at-top
   done = {}

@@ -4,11 +4,12 @@ Task names are `<mixture>:<task>:<format>` (the task name with '-' written '_', 
 only character of the catalog that seqio rejects), e.g. `muffin:rte:zs_opt`,
 `niv2:task1146_country_capital:fs5`, `cot:cot_input_inversion_gsm8k:zs`.
 
-Formats: tasks with answer options get `zs_opt`, `zs_noopt`, `fs5_opt`, `fs5_noopt`,
-`xs_opt`, `xs_noopt`; tasks without get `zs`, `fs5`, `xs`. `fs5` is the 5-shot
-template mix (each exemplar under a different template); `xs` is the same-template
-x-shot (1 to 4 exemplars, all under the query's template). CoT and dialog tasks also
-register their input-inversion variant in the plain formats.
+Formats (the table is `formats.FORMATS`): tasks with answer options get `zs_opt`,
+`zs_noopt`, `fs5_opt`, `fs5_noopt`, `xs_opt`, `xs_noopt`; tasks without get `zs`,
+`fs5`, `xs`. `fs5` is the 5-shot template mix (each exemplar under a different
+template); `xs` is the same-template x-shot (1 to 4 exemplars, all under the query's
+template). CoT and dialog tasks also register their input-inversion variant in the
+plain formats.
 
 Registration builds Python objects only; no data file, vocabulary or TFDS builder is
 touched until a dataset is requested.
@@ -27,31 +28,6 @@ from moe_jax_tasks import flan2021
 from moe_jax_tasks import formats
 from moe_jax_tasks import sources
 from moe_jax_tasks import vocabulary
-
-
-@dataclasses.dataclass(frozen=True)
-class Format:
-  """One rendering of a task.
-
-  Attributes:
-    name: suffix of the seqio task name.
-    with_options: write the answer options.
-    num_shots: 0 for zero-shot; else exemplars per prompt (most, for x-shot).
-    same_template: x-shot (exemplars under the query's template).
-  """
-  name: str
-  with_options: bool
-  num_shots: int = 0
-  same_template: bool = False
-
-
-FORMATS_WITH_OPTIONS = (
-    Format("zs_opt", True), Format("zs_noopt", False),
-    Format("fs5_opt", True, 5), Format("fs5_noopt", False, 5),
-    Format("xs_opt", True, 4, True), Format("xs_noopt", False, 4, True))
-FORMATS_PLAIN = (Format("zs", False), Format("fs5", False, 5),
-                 Format("xs", False, 4, True))
-FORMATS = {f.name: f for f in FORMATS_WITH_OPTIONS + FORMATS_PLAIN}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +78,7 @@ def _user_prompted(task: str, ex: dict) -> dict:
   return {"inputs": ex["inputs"], "answer": ex["targets"]}
 
 
-def format_preprocessor(fmt: Format, *, group: str, task: str, mixture: str):
+def format_preprocessor(fmt: formats.Format, *, group: str, task: str, mixture: str):
   """The seqio preprocessor that renders `fmt` (zero- or few-shot)."""
   common = dict(group=group, with_options=fmt.with_options, task_name=task,
                 task_source=mixture)
@@ -122,7 +98,7 @@ def register_formats(*, mixture: str, task: str, source: seqio.DataSource,
   """Registers one task in each of its formats; returns format -> seqio name."""
   output_features = output_features or vocabulary.output_features()
   names = {}
-  for fmt in FORMATS_WITH_OPTIONS if has_options else FORMATS_PLAIN:
+  for fmt in formats.formats_for(has_options):
     name = seqio_name(mixture, task, fmt.name, name_prefix)
     seqio.TaskRegistry.add(
         name, source=source, output_features=output_features,

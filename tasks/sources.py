@@ -17,7 +17,9 @@ Layout under FLAN_DATA_DIR (local path or gs://; all I/O goes through tf.io.gfil
 Nothing is opened at import or registration: paths are resolved, and checked, when a
 dataset is built. A missing file, malformed record or empty task raises an error
 naming the task and the file; with `config.skip_malformed()` malformed records are
-skipped instead and counted (`skipped_records()`).
+skipped instead and counted. Each pass over a file counts in its own
+`MalformedRecords`, which the source keeps as its latest
+(`FileSource.skipped_records()`; `skipped_records()` gathers the registered tasks').
 """
 
 import collections
@@ -30,22 +32,20 @@ import seqio
 import tensorflow as tf
 
 from moe_jax_tasks import config
+from moe_jax_tasks import errors
 
 Record = dict[str, Any]
-Parser = Callable[[str, str], Iterator[Record]]
-
-_SKIPPED: collections.Counter = collections.Counter()
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(errors.Error, FileNotFoundError):
   """A task's data file or directory does not exist."""
 
 
-class MalformedDataError(ValueError):
+class MalformedDataError(errors.Error, ValueError):
   """A data file or record does not have the expected format."""
 
 
-class EmptyTaskError(ValueError):
+class EmptyTaskError(errors.Error, ValueError):
   """A task's data file holds no usable example."""
 
 
@@ -53,20 +53,43 @@ class UnreleasedDataError(DataNotFoundError):
   """The task's data was never published and the user supplied none."""
 
 
+class MalformedRecords:
+  """The malformed records of one pass over a task's files.
+
+  Each is an error, or, when the user asked to skip them (`config.skip_malformed()`,
+  read when the pass starts), a skip counted under its file.
+  """
+
+  def __init__(self):
+    self._skip = config.skip_malformed()
+    self.counts: collections.Counter = collections.Counter()
+
+  def report(self, task: str, path: str, where: str, problem: str) -> None:
+    """Raises MalformedDataError, or counts a skip."""
+    if not self._skip:
+      raise MalformedDataError(
+          f"Task {task!r}: malformed record in {path} ({where}): {problem}. Fix the "
+          "file, or set FLAN_SKIP_MALFORMED=1 (gin: "
+          "moe_jax_tasks.config.skip_malformed.enabled = True) to skip such records.")
+    self.counts[path] += 1
+
+
+# Reads one file: (task name, path, the pass's malformed records) -> records.
+Parser = Callable[[str, str, MalformedRecords], Iterator[Record]]
+
+
 def skipped_records() -> dict[str, int]:
-  """Malformed records skipped in the latest pass over each file."""
-  return dict(_SKIPPED)
+  """Malformed records skipped in the latest pass over each file, all tasks.
 
-
-def malformed(task: str, path: str, where: str, problem: str) -> None:
-  """Raises, or counts a skip when the user asked to skip malformed records."""
-  if config.skip_malformed():
-    _SKIPPED[path] += 1
-    return
-  raise MalformedDataError(
-      f"Task {task!r}: malformed record in {path} ({where}): {problem}. Fix the "
-      "file, or set FLAN_SKIP_MALFORMED=1 (gin: "
-      "moe_jax_tasks.config.skip_malformed.enabled = True) to skip such records.")
+  Gathered from the sources of the registered tasks; one source's own counts are
+  its `skipped_records()`.
+  """
+  counts = {}
+  for name in seqio.TaskRegistry.names():
+    source = seqio.TaskRegistry.get(name).source
+    if isinstance(source, (FileSource, TfdsSource)):
+      counts.update(source.skipped_records())
+  return counts
 
 
 def _tensor_spec(value: Any) -> Any:
@@ -96,7 +119,8 @@ class FileSource(seqio.DataSource):
   Args:
     task_name: catalog task name, used in every error message.
     files: split -> path relative to the root.
-    parser: (task_name, path) -> iterator of records (dicts).
+    parser: (task_name, path, malformed records of the pass) -> iterator of
+      records (dicts).
     signature: tf.data output signature of a record, or None to infer it from the
       file's first record (JSON lines).
     root: returns the root directory; defaults to the configured data root.
@@ -125,6 +149,7 @@ class FileSource(seqio.DataSource):
     self._known_counts = dict(num_examples or {})
     self._missing_hint = missing_hint
     self._missing_error = missing_error
+    self._latest_pass: dict[str, MalformedRecords] = {}
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -152,15 +177,26 @@ class FileSource(seqio.DataSource):
           f"{self._missing_hint}".strip())
     return path
 
+  def skipped_records(self) -> dict[str, int]:
+    """Malformed records skipped in the latest pass over each split's file."""
+    counts = collections.Counter()
+    for malformed in list(self._latest_pass.values()):
+      counts.update(malformed.counts)
+    return dict(counts)
+
+  def _pass(self, path: str) -> Iterator[Record]:
+    """The records of a new pass over `path`, which becomes its latest pass."""
+    malformed = self._latest_pass[path] = MalformedRecords()
+    yield from self._parser(self._task_name, path, malformed)
+    for skipped, count in malformed.counts.items():
+      logging.warning("Task %r: skipped %d malformed records in %s.",
+                      self._task_name, count, skipped)
+
   def _records(self, path: str) -> Iterator[Record]:
-    _SKIPPED.pop(path, None)  # Counts describe the latest full pass over the file.
     count = 0
-    for record in self._parser(self._task_name, path):
+    for record in self._pass(path):
       count += 1
       yield record
-    if _SKIPPED.get(path):
-      logging.warning("Task %r: skipped %d malformed records in %s.",
-                      self._task_name, _SKIPPED[path], path)
     if not count:
       raise EmptyTaskError(f"Task {self._task_name!r}: {path} holds no usable "
                            "example; a task must never yield an empty dataset.")
@@ -170,7 +206,7 @@ class FileSource(seqio.DataSource):
     if self._signature is not None:
       return self._signature
     path = self._checked_path(split)
-    first = next(iter(self._parser(self._task_name, path)), None)
+    first = next(self._parser(self._task_name, path, MalformedRecords()), None)
     if first is None:
       raise EmptyTaskError(f"Task {self._task_name!r}: {path} holds no example.")
     return _tensor_spec(first)
@@ -191,9 +227,7 @@ class FileSource(seqio.DataSource):
   def num_input_examples(self, split: str) -> int:
     if split not in self._known_counts:
       path = self._checked_path(split)
-      _SKIPPED.pop(path, None)
-      self._known_counts[split] = sum(1 for _ in self._parser(self._task_name,
-                                                              path))
+      self._known_counts[split] = sum(1 for _ in self._pass(path))
     return self._known_counts[split]
 
 
@@ -205,15 +239,16 @@ def lines(path: str) -> Iterator[tuple[int, str]]:
         yield number, line
 
 
-def json_objects(task: str, path: str) -> Iterator[tuple[int, dict]]:
+def json_objects(task: str, path: str,
+                 malformed: MalformedRecords) -> Iterator[tuple[int, dict]]:
   for number, line in lines(path):
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      malformed(task, path, f"line {number}", f"invalid JSON ({e})")
+      malformed.report(task, path, f"line {number}", f"invalid JSON ({e})")
       continue
     if not isinstance(record, dict):
-      malformed(task, path, f"line {number}", "expected a JSON object")
+      malformed.report(task, path, f"line {number}", "expected a JSON object")
       continue
     yield number, record
 
@@ -236,7 +271,8 @@ def _text(value: Any) -> Optional[str]:
   return value if isinstance(value, str) else None
 
 
-def parse_niv2(task: str, path: str) -> Iterator[Record]:
+def parse_niv2(task: str, path: str,
+               malformed: MalformedRecords) -> Iterator[Record]:
   """Reads an allenai/natural-instructions task file.
 
   The Definition (list of strings) is the instruction; Positive Examples become the
@@ -262,8 +298,8 @@ def parse_niv2(task: str, path: str) -> Iterator[Record]:
     text_in = _text(example.get("input")) if isinstance(example, dict) else None
     text_out = _text(example.get("output")) if isinstance(example, dict) else None
     if text_in is None or text_out is None:
-      malformed(task, path, f"Positive Examples #{number}",
-                "needs string 'input' and 'output'")
+      malformed.report(task, path, f"Positive Examples #{number}",
+                       "needs string 'input' and 'output'")
       continue
     shots_in.append(text_in)
     shots_out.append(text_out)
@@ -272,8 +308,8 @@ def parse_niv2(task: str, path: str) -> Iterator[Record]:
     text_in = _text(instance.get("input")) if isinstance(instance, dict) else None
     text_out = _text(instance.get("output")) if isinstance(instance, dict) else None
     if text_in is None or text_out is None:
-      malformed(task, path, f"Instances #{number}",
-                "needs a string 'input' and a non-empty 'output' list")
+      malformed.report(task, path, f"Instances #{number}",
+                       "needs a string 'input' and a non-empty 'output' list")
       continue
     yield {"definition": definition, "input": text_in, "answer": text_out,
            "_exemplars": exemplars}
@@ -297,13 +333,14 @@ COT_SIGNATURE = {k: tf.TensorSpec((), tf.string)
                  for k in ("question", "answer", "chain_of_thought")}
 
 
-def parse_cot_tsv(task: str, path: str) -> Iterator[Record]:
+def parse_cot_tsv(task: str, path: str,
+                  malformed: MalformedRecords) -> Iterator[Record]:
   """Reads `question \\t answer \\t chain_of_thought` rows."""
   for number, line in lines(path):
     columns = line.split("\t")
     if len(columns) != 3 or not all(c.strip() for c in columns):
-      malformed(task, path, f"line {number}",
-                f"expected 3 non-empty tab-separated columns, got {len(columns)}")
+      malformed.report(task, path, f"line {number}", "expected 3 non-empty "
+                       f"tab-separated columns, got {len(columns)}")
       continue
     question, answer, chain = (c.strip() for c in columns)
     yield {"question": question, "answer": answer, "chain_of_thought": chain}
@@ -325,16 +362,17 @@ P3_SIGNATURE = {"inputs": tf.TensorSpec((), tf.string),
                 "options": tf.TensorSpec((None,), tf.string)}
 
 
-def parse_p3_jsonl(task: str, path: str) -> Iterator[Record]:
+def parse_p3_jsonl(task: str, path: str,
+                   malformed: MalformedRecords) -> Iterator[Record]:
   """Reads our P3 export: one {"inputs", "targets", "answer_choices"?} per line."""
-  for number, record in json_objects(task, path):
+  for number, record in json_objects(task, path, malformed):
     inputs = record.get("inputs", record.get("inputs_pretokenized"))
     targets = record.get("targets", record.get("targets_pretokenized"))
     choices = record.get("answer_choices") or []
     if not isinstance(inputs, str) or not isinstance(targets, str) or not (
         isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
-      malformed(task, path, f"line {number}", "needs string 'inputs' and "
-                "'targets' and an optional list of strings 'answer_choices'")
+      malformed.report(task, path, f"line {number}", "needs string 'inputs' and "
+                       "'targets' and an optional list of strings 'answer_choices'")
       continue
     yield {"inputs": inputs.strip(), "answer": targets.strip(),
            "options": [c.strip() for c in choices]}
@@ -351,15 +389,16 @@ def p3_source(task: str, root: Callable[[], str] = config.data_dir) -> FileSourc
 
 # ----------------------------------------------------------- JSON lines (generic)
 
-def parse_jsonl(task: str, path: str) -> Iterator[Record]:
+def parse_jsonl(task: str, path: str,
+                malformed: MalformedRecords) -> Iterator[Record]:
   """Reads one JSON object per line, keeping the keys of the first line."""
   keys = None
-  for number, record in json_objects(task, path):
+  for number, record in json_objects(task, path, malformed):
     if keys is None:
       keys = set(record)
     if set(record) != keys:
-      malformed(task, path, f"line {number}",
-                f"keys {sorted(record)} differ from the first line's {sorted(keys)}")
+      malformed.report(task, path, f"line {number}", f"keys {sorted(record)} "
+                       f"differ from the first line's {sorted(keys)}")
       continue
     yield record
 
@@ -404,6 +443,10 @@ class TfdsSource(seqio.DataSource):
   @property
   def tfds_spec(self) -> str:
     return self._tfds_spec
+
+  def skipped_records(self) -> dict[str, int]:
+    """Malformed records skipped in the latest pass over the JSON-lines override."""
+    return self._override.skipped_records()
 
   def list_shards(self, split: str) -> list[str]:
     return [self._tfds_spec]

@@ -1,47 +1,109 @@
 """The registry's vocabulary: T5's SentencePiece model unless configured otherwise."""
 
+from typing import Callable
+
 import seqio
-import tensorflow as tf
 
 from moe_jax_tasks import config
+from moe_jax_tasks import errors
+
+FLAN_VOCAB_HINT = (
+    "Point FLAN_VOCAB at a local SentencePiece model (or bind "
+    "moe_jax_tasks.config.vocabulary_spec.path); offline, the bundled sample model "
+    "is moe_jax_tasks.sample.vocabulary_path().")
 
 
-class ConfiguredVocabulary(seqio.SentencePieceVocabulary):
+class VocabularyError(errors.Error, OSError):
+  """The configured SentencePiece model cannot be read."""
+
+
+class ConfiguredVocabulary(seqio.Vocabulary):
   """A SentencePiece vocabulary whose model is chosen when it is first used.
 
-  Every task shares one instance, created at import; the model path and extra ids
-  come from `spec_fn()` (by default `config.vocabulary_spec`, i.e. gin or
-  FLAN_VOCAB) at first use, so bindings made after import apply.
+  Tasks need their vocabulary when they are registered, at import, but the model is
+  a setting: gin bindings and FLAN_VOCAB set after import must apply. So this
+  vocabulary implements seqio's `Vocabulary` interface by delegating to a
+  `seqio.SentencePieceVocabulary` built from `spec_fn()` on first use, and kept.
 
   Args:
-    spec_fn: returns (model path, extra ids).
+    spec_fn: returns (model path, extra ids); by default `config.vocabulary_spec`
+      (gin or FLAN_VOCAB).
+    hint: how to configure another model, for the error when it cannot be read.
   """
 
-  def __init__(self, spec_fn=config.vocabulary_spec):
+  def __init__(self,
+               spec_fn: Callable[[], tuple[str, int]] = config.vocabulary_spec,
+               hint: str = FLAN_VOCAB_HINT):
+    super().__init__()
     self._spec_fn = spec_fn
-    super().__init__(sentencepiece_model_file="", extra_ids=0)
+    self._hint = hint
+    self._vocabulary = None
 
-  def _model_context(self):
-    if self._model is None:
+  def resolve(self) -> seqio.SentencePieceVocabulary:
+    """The SentencePiece vocabulary, loaded.
+
+    Raises:
+      VocabularyError: naming the model and how to configure another one.
+    """
+    if self._vocabulary is None:
       path, extra_ids = self._spec_fn()
-      if "://" not in path and not tf.io.gfile.exists(path):
-        raise FileNotFoundError(
-            f"SentencePiece model {path} does not exist. Set FLAN_VOCAB (or bind "
-            "moe_jax_tasks.config.vocabulary_spec.path); offline, the sample "
-            "model is moe_jax_tasks.sample.vocabulary_path().")
-      self._sentencepiece_model_file = path
-      self._extra_ids = extra_ids
-    return super()._model_context()
+      vocabulary = seqio.SentencePieceVocabulary(path, extra_ids)
+      try:
+        vocabulary.load_model()
+      except Exception as error:  # Any failure to read or parse the model file.
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise VocabularyError(f"Cannot read the SentencePiece vocabulary {path} "
+                              f"({cause}). {self._hint}") from error
+      self._vocabulary = vocabulary
+    return self._vocabulary
 
   @property
   def sentencepiece_model_file(self) -> str:
-    self._model_context()
-    return self._sentencepiece_model_file
+    return self.resolve().sentencepiece_model_file
 
   @property
   def extra_ids(self) -> int:
-    self._model_context()
-    return self._extra_ids
+    return self.resolve().extra_ids
+
+  @property
+  def vocab_size(self) -> int:
+    return self.resolve().vocab_size
+
+  @property
+  def _base_vocab_size(self) -> int:
+    # SentencePieceVocabulary's size already counts its extra ids.
+    return self.resolve().vocab_size
+
+  @property
+  def bos_id(self):
+    return self.resolve().bos_id
+
+  @property
+  def eos_id(self):
+    return self.resolve().eos_id
+
+  @property
+  def unk_id(self):
+    return self.resolve().unk_id
+
+  def _encode(self, s):
+    return self.resolve().encode(s)
+
+  def _decode(self, ids):
+    return self.resolve().decode(ids)
+
+  def _encode_tf(self, s):
+    return self.resolve().encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self.resolve().decode_tf(ids)
+
+  def __eq__(self, other) -> bool:
+    return (isinstance(other, ConfiguredVocabulary)
+            and other._spec_fn == self._spec_fn)  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"ConfiguredVocabulary({self.resolve()})"
 
 
 FLAN_VOCABULARY = ConfiguredVocabulary()

@@ -48,8 +48,8 @@ def _examples(task: str, path: str) -> list[dict]:
   return examples
 
 
-def parse(task: str, path: str, *, subtask: str, cot: bool,
-          vocabulary: seqio.Vocabulary) -> Iterator[dict]:
+def parse(task: str, path: str, malformed: sources.MalformedRecords, *,
+          subtask: str, cot: bool, vocabulary: seqio.Vocabulary) -> Iterator[dict]:
   prompt_path = os.path.join(os.path.dirname(path), "cot-prompts", f"{subtask}.txt")
   description, exemplars = split_prompt(common.read_prompt_file(
       task, prompt_path, "Get cot-prompts/<subtask>.txt from BIG-Bench-Hard."))
@@ -61,7 +61,7 @@ def parse(task: str, path: str, *, subtask: str, cot: bool,
   header = description + "\n\n" if description else ""
   for number, example in enumerate(_examples(task, path), start=1):
     if not isinstance(example, dict) or not isinstance(example.get("input"), str):
-      sources.malformed(task, path, f"example {number}", "needs 'input', 'target'")
+      malformed.report(task, path, f"example {number}", "needs 'input', 'target'")
       continue
     query = f"Q: {example['input']}\n" + (COT_QUERY_SUFFIX if cot else "A:")
     yield {"inputs": common.fit_exemplars(shots, query, header, "\n\n", vocabulary),

@@ -7,7 +7,7 @@ text in this package.
 """
 
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import seqio
 import tensorflow as tf
@@ -70,7 +70,7 @@ def register(name: str, source: seqio.DataSource, postprocess_fn: Callable,
   return name
 
 
-def prompt_source(task: str, files: dict, parser: Callable[[str, str], Iterator],
+def prompt_source(task: str, files: dict, parser: sources.Parser,
                   root: Callable[[], str] = eval_root, signature=None,
                   hint: str = "") -> sources.FileSource:
   return sources.FileSource(task, files, parser, signature or PROMPT_SIGNATURE,

@@ -42,12 +42,14 @@ def gsm8k_solution(answer: str) -> tuple[str, str]:
   return " ".join(reasoning.split()), final.strip().replace(",", "")
 
 
-def _jsonl(task: str, path: str) -> Iterator[dict]:
-  for _, record in sources.json_objects(task, path):
+def _jsonl(task: str, path: str,
+           malformed: sources.MalformedRecords) -> Iterator[dict]:
+  for _, record in sources.json_objects(task, path, malformed):
     yield record
 
 
-def shared_prompt(task: str, eval_dir: str) -> str:
+def shared_prompt(task: str, eval_dir: str,
+                  malformed: sources.MalformedRecords) -> str:
   """The math CoT exemplars (user prompt file, or GSM8K train solutions)."""
   prompt_file = os.path.join(eval_dir, "gsm8k", "cot_prompt.txt")
   if common.optional_exists(prompt_file):
@@ -58,7 +60,7 @@ def shared_prompt(task: str, eval_dir: str) -> str:
         f"Task {task!r}: no math exemplars: write {prompt_file} or provide "
         f"{train} (GSM8K train split).")
   shots = []
-  for record in _jsonl(task, train):
+  for record in _jsonl(task, train, malformed):
     reasoning, final = gsm8k_solution(record["answer"])
     shots.append(f"Q: {record['question']}\nA: {reasoning} The answer is {final}.")
     if len(shots) == NUM_EXEMPLARS:
@@ -71,16 +73,16 @@ def _prompt(exemplars: str, question: str, vocabulary) -> str:
                               vocabulary)
 
 
-def parse_gsm8k(task, path, *, vocabulary) -> Iterator[dict]:
-  exemplars = shared_prompt(task, _eval_dir(path))
-  for record in _jsonl(task, path):
+def parse_gsm8k(task, path, malformed, *, vocabulary) -> Iterator[dict]:
+  exemplars = shared_prompt(task, _eval_dir(path), malformed)
+  for record in _jsonl(task, path, malformed):
     _, final = gsm8k_solution(record["answer"])
     yield {"inputs": _prompt(exemplars, record["question"], vocabulary),
            "targets": final}
 
 
-def parse_svamp(task, path, *, vocabulary) -> Iterator[dict]:
-  exemplars = shared_prompt(task, _eval_dir(path))
+def parse_svamp(task, path, malformed, *, vocabulary) -> Iterator[dict]:
+  exemplars = shared_prompt(task, _eval_dir(path), malformed)
   problems = json.loads(common.read_text(task, path, ""))
   for problem in problems:
     question = f"{problem['Body'].strip()} {problem['Question'].strip()}"
@@ -88,8 +90,8 @@ def parse_svamp(task, path, *, vocabulary) -> Iterator[dict]:
            "targets": postprocessors.number(str(problem["Answer"]))}
 
 
-def parse_asdiv(task, path, *, vocabulary) -> Iterator[dict]:
-  exemplars = shared_prompt(task, _eval_dir(path))
+def parse_asdiv(task, path, malformed, *, vocabulary) -> Iterator[dict]:
+  exemplars = shared_prompt(task, _eval_dir(path), malformed)
   try:
     root = ElementTree.fromstring(common.read_text(task, path, ""))
   except ElementTree.ParseError as e:
@@ -98,23 +100,23 @@ def parse_asdiv(task, path, *, vocabulary) -> Iterator[dict]:
     body, question = problem.findtext("Body"), problem.findtext("Question")
     answer = postprocessors.number(problem.findtext("Answer") or "")
     if not body or not question or not answer:
-      sources.malformed(task, path, f"Problem {problem.get('ID')}",
-                        "needs Body, Question and a numeric Answer")
+      malformed.report(task, path, f"Problem {problem.get('ID')}",
+                       "needs Body, Question and a numeric Answer")
       continue
     yield {"inputs": _prompt(exemplars, f"{body.strip()} {question.strip()}",
                              vocabulary),
            "targets": answer}
 
 
-def parse_mgsm(task, path, *, language, vocabulary) -> Iterator[dict]:
+def parse_mgsm(task, path, malformed, *, language, vocabulary) -> Iterator[dict]:
   native = os.path.join(os.path.dirname(path), f"cot_prompt_{language}.txt")
   exemplars = (common.read_prompt_file(task, native, "")
                if common.optional_exists(native)
-               else shared_prompt(task, _eval_dir(path)))
+               else shared_prompt(task, _eval_dir(path), malformed))
   for number, line in sources.lines(path):
     columns = line.split("\t")
     if len(columns) != 2:
-      sources.malformed(task, path, f"line {number}", "expected question<TAB>answer")
+      malformed.report(task, path, f"line {number}", "expected question<TAB>answer")
       continue
     yield {"inputs": _prompt(exemplars, columns[0].strip(), vocabulary),
            "targets": postprocessors.number(columns[1])}

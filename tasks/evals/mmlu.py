@@ -41,15 +41,16 @@ def mmlu_header(subject: str,
   return pattern.format(subject=subject.replace("_", " "))
 
 
-def read_rows(task: str, path: str) -> list[tuple[str, list[str], str]]:
+def read_rows(task: str, path: str, malformed: sources.MalformedRecords
+              ) -> list[tuple[str, list[str], str]]:
   """(question, four choices, answer letter) rows of an MMLU CSV file."""
   text = common.read_text(task, path, "Get the MMLU CSVs (hendrycks/test data/) or "
                           "run `python -m moe_jax_tasks prepare`.")
   rows = []
   for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
     if len(row) != 6 or row[5].strip() not in LETTERS:
-      sources.malformed(task, path, f"row {number}",
-                        "expected question,A,B,C,D,answer with answer in A-D")
+      malformed.report(task, path, f"row {number}",
+                       "expected question,A,B,C,D,answer with answer in A-D")
       continue
     rows.append((row[0].strip(), [c.strip() for c in row[1:5]], row[5].strip()))
   return rows
@@ -70,11 +71,13 @@ def _dev_path(path: str, subject: str) -> str:
                       f"{subject}_dev.csv")
 
 
-def parse_direct(task: str, path: str, *, subject: str,
-                 vocabulary: seqio.Vocabulary, shots: int = 5) -> Iterator[dict]:
-  exemplars = [_direct_block(q, c, a)
-               for q, c, a in read_rows(task, _dev_path(path, subject))[:shots]]
-  for index, (question, choices, answer) in enumerate(read_rows(task, path)):
+def parse_direct(task: str, path: str, malformed: sources.MalformedRecords, *,
+                 subject: str, vocabulary: seqio.Vocabulary,
+                 shots: int = 5) -> Iterator[dict]:
+  exemplars = [_direct_block(q, c, a) for q, c, a in read_rows(
+      task, _dev_path(path, subject), malformed)[:shots]]
+  for index, (question, choices, answer) in enumerate(read_rows(task, path,
+                                                                malformed)):
     prompt = common.fit_exemplars(exemplars, _direct_block(question, choices),
                                   mmlu_header(subject), "\n\n", vocabulary)
     for letter in LETTERS:
@@ -82,15 +85,15 @@ def parse_direct(task: str, path: str, *, subject: str,
              "is_correct": letter == answer}
 
 
-def parse_cot(task: str, path: str, *, subject: str,
-              vocabulary: seqio.Vocabulary) -> Iterator[dict]:
+def parse_cot(task: str, path: str, malformed: sources.MalformedRecords, *,
+              subject: str, vocabulary: seqio.Vocabulary) -> Iterator[dict]:
   prompt_path = os.path.join(os.path.dirname(os.path.dirname(path)), "cot_prompts",
                              f"{subject}.txt")
   exemplars = common.read_prompt_file(
       task, prompt_path, "Supply the 5 CoT exemplars of this subject as a text "
       "file (format: 'Q: ...\\n(A) ... (D) ...\\nA: Let's think step by step. ... "
       "The answer is (X).' blocks).")
-  for question, choices, answer in read_rows(task, path):
+  for question, choices, answer in read_rows(task, path, malformed):
     prompt = common.fit_exemplars([exemplars], _cot_query(question, choices),
                                   mmlu_header(subject), "\n\n", vocabulary)
     yield {"inputs": prompt, "targets": answer}

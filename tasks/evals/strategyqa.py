@@ -42,12 +42,13 @@ def exemplar_prompt(task: str, directory: str) -> str:
   return "\n\n".join(shots)
 
 
-def parse(task: str, path: str, *, vocabulary) -> Iterator[dict]:
+def parse(task: str, path: str, malformed: sources.MalformedRecords, *,
+          vocabulary) -> Iterator[dict]:
   exemplars = exemplar_prompt(task, os.path.dirname(path))
   for number, item in enumerate(_load(task, path), start=1):
     if not isinstance(item, dict) or not isinstance(item.get("answer"), bool):
-      sources.malformed(task, path, f"item {number}",
-                        "needs 'question' and a boolean 'answer'")
+      malformed.report(task, path, f"item {number}",
+                       "needs 'question' and a boolean 'answer'")
       continue
     yield {"inputs": common.fit_exemplars([exemplars], f"Q: {item['question']}\nA:",
                                           "", "\n\n", vocabulary),

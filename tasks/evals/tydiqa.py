@@ -25,7 +25,8 @@ SIGNATURE = {**common.PROMPT_SIGNATURE,
              "answers": tf.TensorSpec((None,), tf.string)}
 
 
-def questions(task: str, path: str, language: str) -> Iterator[tuple]:
+def questions(task: str, path: str, language: str,
+              malformed: sources.MalformedRecords) -> Iterator[tuple]:
   """(context, question, answers) of one language in a SQuAD-format file."""
   try:
     data = json.loads(common.read_text(task, path, "Get TyDiQA GoldP v1.1."))["data"]
@@ -38,7 +39,7 @@ def questions(task: str, path: str, language: str) -> Iterator[tuple]:
         if qa["id"].startswith(prefix):
           answers = [a["text"] for a in qa["answers"]]
           if not answers:
-            sources.malformed(task, path, qa["id"], "question without an answer")
+            malformed.report(task, path, qa["id"], "question without an answer")
             continue
           yield paragraph["context"], qa["question"], answers
 
@@ -47,14 +48,15 @@ def _block(context: str, question: str) -> str:
   return f"{context}\n\nQ: {question}\nA:"
 
 
-def parse(task: str, path: str, *, language: str, vocabulary) -> Iterator[dict]:
+def parse(task: str, path: str, malformed: sources.MalformedRecords, *,
+          language: str, vocabulary) -> Iterator[dict]:
   train = os.path.join(os.path.dirname(path), "tydiqa-goldp-v1.1-train.json")
-  shot = next(questions(task, train, language), None)
+  shot = next(questions(task, train, language, malformed), None)
   if shot is None:
     raise sources.EmptyTaskError(f"Task {task!r}: {train} has no {language} "
                                  "question for the exemplar.")
   exemplar = f"{_block(shot[0], shot[1])} {shot[2][0]}"
-  for context, question, answers in questions(task, path, language):
+  for context, question, answers in questions(task, path, language, malformed):
     yield {"inputs": common.fit_exemplars([exemplar], _block(context, question), "",
                                           "\n\n", vocabulary),
            "targets": answers[0], "answers": answers}

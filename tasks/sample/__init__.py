@@ -55,7 +55,9 @@ def vocabulary_spec(path: Optional[str] = None, extra_ids: int = 0
   return path or os.environ.get("FLAN_SAMPLE_VOCAB") or vocabulary_path(), extra_ids
 
 
-VOCABULARY = vocabulary_lib.ConfiguredVocabulary(vocabulary_spec)
+VOCABULARY = vocabulary_lib.ConfiguredVocabulary(
+    vocabulary_spec, hint="Unset FLAN_SAMPLE_VOCAB to use the bundled model, or point "
+    "it (or moe_jax_tasks.sample.vocabulary_spec.path) at a SentencePiece model.")
 
 
 def vocabulary() -> seqio.Vocabulary:

@@ -176,3 +176,13 @@ def test_inversion_targets_are_the_original_questions(read_task):
   assert rendered[0]["targets_pretokenized"] == "What is 1 plus 1?"
   assert "1 and 1 make 2." in rendered[0]["inputs_pretokenized"]
   assert "What is 1 plus 1?" not in rendered[0]["inputs_pretokenized"]
+
+
+def test_one_table_names_the_formats_and_their_settings():
+  names = [f.name for f in formats.FORMATS]
+  assert len(set(names)) == len(names)
+  settings = {s.name for s in formats.SETTINGS}
+  assert all(set(f.settings) <= settings for f in formats.FORMATS)
+  for record in RECORDS.values():
+    assert list(record.seqio_tasks) == [
+        f.name for f in formats.formats_for(record.has_options)], record.name

@@ -6,6 +6,7 @@ import seqio
 
 import moe_jax_tasks
 from moe_jax_tasks import config
+from moe_jax_tasks import formats
 from moe_jax_tasks import mixtures
 
 
@@ -90,3 +91,36 @@ def test_setting_formats():
   assert mixtures.setting_formats(True, False, True) == ("fs5_opt", "xs_opt")
   assert mixtures.setting_formats(True, False, False) == ("xs_noopt",)
   assert mixtures.setting_formats(False, True, False) == ("zs",)
+
+
+def test_sub_mixture_rates_reach_seqio_as_plain_floats():
+  for name in ("flan2022_submix", "t0_submix", "niv2_submix", "cot_zsopt"):
+    rates = seqio.get_mixture_or_task(name).rate_per_task_name
+    assert rates and all(type(rate) is float for rate in rates.values()), name
+
+
+def test_gin_binding_after_import_changes_seqio_sampling(gin_bindings):
+  mixture = seqio.get_mixture_or_task("flan2022_submix")
+  task = seqio.get_mixture_or_task("niv2:task1146_country_capital:zs")
+  before = mixture.get_rate(task)
+  assert before > 0
+  gin_bindings("moe_jax_tasks.config.flan2022_rates.niv2 = 0.4")
+  assert mixture.get_rate(task) == pytest.approx(2 * before)
+  gin_bindings("moe_jax_tasks.config.format_rates.zero_shot = 0.75")
+  assert mixture.get_rate(task) == pytest.approx(3 * before)
+
+
+@pytest.mark.parametrize("submix,task", [("t0", "amazon_polarity_Is_this_review"),
+                                         ("niv2", "task1146_country_capital"),
+                                         ("flan2021", "bool_q")])
+def test_settings_hold_the_formats_the_table_assigns(submix, task):
+  record = {r.name: r for r in moe_jax_tasks.catalog()}[task]
+  for setting in formats.SETTINGS:
+    name = f"{submix}_{setting.name}"
+    if name not in seqio.MixtureRegistry.names():
+      assert submix == "niv2" and not setting.with_options
+      continue
+    mixed = {t.name for t in seqio.get_mixture_or_task(name).tasks}
+    assert mixed & set(record.seqio_tasks.values()) == {
+        record.seqio_tasks[f.name] for f in formats.formats_for(record.has_options)
+        if setting.name in f.settings}, name

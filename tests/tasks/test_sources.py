@@ -147,3 +147,32 @@ def test_counts_for_mixing(data_root):
   niv2 = sources.niv2_source("task1146_country_capital", 5)
   assert niv2.num_input_examples("train") == 5  # metadata, no file read
   assert tf.io.gfile.exists(os.path.join(data_root, "cot", "gsm8k_train.tsv"))
+
+
+def test_skip_counts_belong_to_each_pass(bad_root, monkeypatch):
+  path = _write(bad_root, "cot/creak_train.tsv", "q1\ta1\tc1\nbroken\nq2\ta2\n")
+  monkeypatch.setenv("FLAN_SKIP_MALFORMED", "1")
+  first, second = (sources.cot_source("cot_creak", "creak") for _ in range(2))
+  assert len(list(first.get_dataset("train").as_numpy_iterator())) == 1
+  assert first.skipped_records() == {path: 2}
+  assert second.skipped_records() == {}  # Another source's passes are its own.
+  assert second.num_input_examples("train") == 1  # Counting is a pass too.
+  assert second.skipped_records() == {path: 2}
+  _write(bad_root, "cot/creak_train.tsv", "q1\ta1\tc1\n")
+  assert len(list(first.get_dataset("train").as_numpy_iterator())) == 1
+  assert first.skipped_records() == {}  # Only the latest pass counts.
+  assert second.skipped_records() == {path: 2}
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+def test_malformed_records_raise_or_count(monkeypatch, skip):
+  monkeypatch.setenv("FLAN_SKIP_MALFORMED", skip)
+  malformed = sources.MalformedRecords()
+  if skip == "0":
+    with pytest.raises(sources.MalformedDataError,
+                       match=r"Task 't': malformed record in f.tsv \(line 2\): bad"):
+      malformed.report("t", "f.tsv", "line 2", "bad")
+  else:
+    malformed.report("t", "f.tsv", "line 2", "bad")
+    malformed.report("t", "g.tsv", "line 3", "bad")
+    assert malformed.counts == {"f.tsv": 1, "g.tsv": 1}
