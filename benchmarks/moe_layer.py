@@ -11,7 +11,15 @@ For every (experts, top-k, dispatch) configuration this times, in one process:
 The three are compiled and warmed up first, then timed in interleaved rounds
 (layer, bound, dense, layer, ...), so that drift in the machine's speed hits
 all of them alike; each time is the median of `--repeats` rounds. Prints a
-table, and with `--json` one JSON line per configuration.
+table, and with `--json` one JSON line per configuration. Times are reported
+in ms to the microsecond, and the ratios are computed from the reported times.
+
+`strategy` is what the layer ran (`moe_jax.layers.dispatch`). Where the
+layer's 'auto' settings leave several strategies, the layer measures them
+once (`moe_jax.tuning`, cached on disk); that happens before anything here is
+timed. `--grouped_matmul_implementation xla` forces the padded buffers of
+'sorted' (XLA's batched matmuls), `cpu_blas` the exact rows on the CPU BLAS
+kernels.
 
   python benchmarks/moe_layer.py --tokens 4096 --d_model 512 --d_ff 2048 \
       --experts 8,32,128 --topk 2 --capacity_factor 1.25 \
@@ -33,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from moe_jax.layers import dense  # noqa: E402
+from moe_jax.layers import grouped_matmul  # noqa: E402
 from moe_jax.layers import moe  # noqa: E402
 from moe_jax.layers import routing  # noqa: E402
 
@@ -108,8 +117,10 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
       train_capacity_factor=args.capacity_factor,
       capacity_scales_with_k=args.capacity_scales_with_k,
       dispatch=dispatch_mode, dropless_backend=args.dropless_backend,
-      dtype=args.dtype)
+      grouped_matmul_implementation=args.grouped_matmul_implementation, dtype=args.dtype)
   x = _tokens(args)
+  # Resolved (and, if it must be, measured) before anything is timed.
+  strategy = layer.dispatch_plan(x.shape, x.dtype, train=True).name
   variables = jax.jit(lambda key, x: layer.init(key, x, enable_dropout=True))(
       jax.random.PRNGKey(1), x)
   _, state = jax.jit(lambda v, x: layer.apply(
@@ -124,10 +135,13 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
   groups, group_size = layer.group_shape(*x.shape[:2])
   capacity = (None if dispatch_mode == "dropless"
               else layer.capacity(group_size, train=True))
+  # The ratios come from the reported (rounded) times, so they agree.
+  moe_ms, bound_ms, dense_ms = (round(times[name], 3) for name in ("moe", "bound", "dense"))
   return {
       "dispatch": dispatch_mode,
-      "dropless_backend": (layer.bind(variables)._dropless_backend(args.d_model)
-                           if dispatch_mode == "dropless" else None),
+      "strategy": strategy,
+      "dropless_backend": args.dropless_backend,
+      "grouped_matmul_implementation": args.grouped_matmul_implementation,
       "router": args.router,
       "experts": num_experts,
       "topk": k,
@@ -135,20 +149,25 @@ def run_config(args, num_experts: int, k: int, dispatch_mode: str) -> Dict:
       "groups": groups,
       "tokens": args.tokens,
       "expert_capacity": capacity,
-      "moe_ms": round(times["moe"], 2),
-      "expert_bound_ms": round(times["bound"], 2),
-      "dense_equiv_ms": round(times["dense"], 2),
-      "bound_ratio": round(times["moe"] / times["bound"], 3),
-      "dense_ratio": round(times["moe"] / times["dense"], 3),
-      "tokens_per_s": round(args.tokens / (times["moe"] / 1e3), 1),
+      "moe_ms": moe_ms,
+      "expert_bound_ms": bound_ms,
+      "dense_equiv_ms": dense_ms,
+      "bound_ratio": _significant(moe_ms / bound_ms),
+      "dense_ratio": _significant(moe_ms / dense_ms),
+      "tokens_per_s": round(args.tokens / (moe_ms / 1e3), 1),
       "fraction_dropped": round(float(metrics["fraction_tokens_left_behind"]), 4),
       "dtype": jnp.dtype(args.dtype).name,
       "backend": jax.default_backend(),
   }
 
 
+def _significant(value: float, digits: int = 4) -> float:
+  """`value` to `digits` significant digits (ratios of sub-ms times included)."""
+  return float(f"{value:.{digits}g}")
+
+
 def format_table(rows: List[Dict]) -> str:
-  columns = ["dispatch", "dropless_backend", "experts", "topk", "group_size",
+  columns = ["dispatch", "strategy", "experts", "topk", "group_size",
              "expert_capacity", "moe_ms", "expert_bound_ms", "dense_equiv_ms", "bound_ratio",
              "dense_ratio", "tokens_per_s", "fraction_dropped"]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -175,6 +194,8 @@ def parse_args(argv=None):
   parser.add_argument("--dispatch", type=lambda s: s.split(","),
                       default=["einsum", "sorted", "dropless"])
   parser.add_argument("--dropless_backend", choices=moe.DROPLESS_BACKENDS, default="auto")
+  parser.add_argument("--grouped_matmul_implementation",
+                      choices=grouped_matmul.IMPLEMENTATIONS, default="auto")
   parser.add_argument("--router", choices=sorted(ROUTERS), default="tokens_choose")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--repeats", type=int, default=7)

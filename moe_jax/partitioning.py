@@ -20,11 +20,13 @@ a mesh and rules are active (`with mesh, axis_rules(rules): ...`), so the same
 modules run on a laptop CPU.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import flax.core
-import numpy as np
+from jax.experimental import mesh_utils
+from jax.interpreters import pxla
 from flax import linen as nn
 from flax.linen import partitioning as nn_partitioning
 
@@ -36,7 +38,6 @@ AxisRules = Sequence[Tuple[str, Union[str, Tuple[str, ...], None]]]
 
 param_with_axes = nn_partitioning.param_with_axes
 axis_rules = nn_partitioning.axis_rules
-get_axis_rules = nn_partitioning.get_axis_rules
 
 
 def standard_logical_axis_rules(
@@ -121,8 +122,39 @@ def create_mesh(
     raise ValueError(
         f"Mesh data={data} x expert={expert} x model={model} needs "
         f"{data * expert * model} devices, but {len(devices)} are available.")
-  device_array = np.asarray(devices, dtype=object).reshape(data, expert, model)
+  # Topology-aware on TPU (neighbouring chips share the fast `model` axis);
+  # device order elsewhere.
+  device_array = mesh_utils.create_device_mesh((data, expert, model), devices)
   return jax.sharding.Mesh(device_array, MESH_AXES)
+
+
+def mesh_from_shape(shape: Optional[dict] = None,
+                    devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """The mesh of a `MESH_SHAPE` dict such as `{'data': 2, 'expert': 4}`.
+
+  Missing axes are 1, except `data`, which takes all remaining devices
+  unless another axis is -1; at most one axis may be -1.
+  """
+  shape = dict(shape or {})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"MESH_SHAPE has unknown axes {sorted(unknown)}; use "
+                     f"{list(MESH_AXES)}, e.g. {{'data': -1, 'expert': 4}}.")
+  if list(shape.values()).count(-1) > 1:
+    raise ValueError(f"MESH_SHAPE {shape} has more than one -1 (all remaining devices).")
+  sizes = {axis: shape.get(axis, 1) for axis in MESH_AXES}
+  if "data" not in shape and -1 not in shape.values():
+    sizes["data"] = -1
+  devices = list(jax.devices() if devices is None else devices)
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if free:
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fixed < 1 or len(devices) % fixed:
+      raise ValueError(f"MESH_SHAPE {shape}: {len(devices)} devices cannot be split into "
+                       f"axes of sizes {sizes}; choose sizes whose product divides the "
+                       "device count.")
+    sizes[free[0]] = len(devices) // fixed
+  return create_mesh(**sizes, devices=devices)
 
 
 def parse_mesh_spec(spec: str) -> dict:
@@ -136,6 +168,18 @@ def parse_mesh_spec(spec: str) -> dict:
           f"AXIS in {MESH_AXES}, e.g. 'data=2,expert=4,model=1'.")
     out[name] = int(value)
   return out
+
+
+def active_mesh_shape() -> Dict[str, int]:
+  """Axis sizes of the mesh the caller is tracing under ({} without one).
+
+  Covers `jax.set_mesh(mesh)` (moe_jax's trainer) and the legacy
+  `with mesh:` context (t5x's partitioner).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    mesh = pxla.thread_resources.env.physical_mesh
+  return {} if mesh.empty else dict(mesh.shape)
 
 
 def with_sharding_constraint(x: types.Array,

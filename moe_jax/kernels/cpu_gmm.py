@@ -1,7 +1,10 @@
 """Builds and registers the CPU grouped-matmul kernels (`cpu_gmm.cc`).
 
 The kernels are XLA FFI custom calls that run one OpenBLAS sgemm per expert
-over exactly that expert's rows. They are compiled on first use with the C++
+over exactly that expert's rows, split into column blocks run on XLA's own
+intra-op thread pool; OpenBLAS itself is set to one thread (its threads
+busy-wait, and beside XLA's threads or another process that oversubscribes
+the cores). They are compiled on first use with the C++
 compiler (`$CXX`, default `c++`) against the XLA FFI headers of the installed
 jaxlib and the OpenBLAS of the `scipy-openblas32` wheel, into
 `$MOE_JAX_CACHE_DIR` (default `~/.cache/moe_jax`), once per source, jaxlib and
@@ -48,6 +51,18 @@ def _compile(output: str, openblas) -> None:
   os.replace(temporary, output)
 
 
+def build_key() -> str:
+  """Hash of what the library is built from: source, jaxlib, OpenBLAS.
+
+  Raises:
+    ImportError: no scipy-openblas32.
+  """
+  import scipy_openblas32  # pylint: disable=g-import-not-at-top
+  with open(_SOURCE, "rb") as source:
+    return hashlib.sha256(source.read() + jaxlib.__version__.encode()
+                          + scipy_openblas32.get_lib_dir().encode()).hexdigest()[:16]
+
+
 def build() -> str:
   """Path of the kernels' shared library, compiled first if not cached.
 
@@ -58,9 +73,7 @@ def build() -> str:
   """
   import fcntl  # pylint: disable=g-import-not-at-top
   import scipy_openblas32  # pylint: disable=g-import-not-at-top
-  with open(_SOURCE, "rb") as source:
-    key = hashlib.sha256(source.read() + jaxlib.__version__.encode()
-                         + scipy_openblas32.get_lib_dir().encode()).hexdigest()[:16]
+  key = build_key()
   directory = cache_dir()
   library = os.path.join(directory, f"cpu_gmm-{key}.so")
   os.makedirs(directory, exist_ok=True)
@@ -83,6 +96,9 @@ def unavailable_reason() -> str:
   except (ImportError, OSError, RuntimeError) as error:
     logging.warning("moe_jax CPU grouped matmul kernels unavailable: %s", error)
     return f"{type(error).__name__}: {error}"
+  # The kernels parallelize on XLA's threads; OpenBLAS's own would spin beside
+  # them. This library copy (scipy-openblas32) serves only these kernels.
+  handle.scipy_openblas_set_num_threads(1)
   jax.ffi.register_ffi_target(GROUPED_MATMUL_TARGET,
                               jax.ffi.pycapsule(handle.MoeJaxCpuGroupedMatmul),
                               platform="cpu")

@@ -1,33 +1,57 @@
 """Dispatch: moving tokens into expert buffers and expert outputs back.
 
-Pure functions, no parameters. Three strategies, one contract: given the same
-routing decision they produce the same layer output.
+Pure functions, no parameters. Every strategy has one interface,
 
-* `einsum` (the TPU reference path of GShard / flaxformer): one-hot dispatch
-  and combine tensors `[groups, group_size, experts, capacity]`; tokens move by
+  strategy(x, decision, experts, capacity) -> Dispatched(output, kept, slots)
+
+(tokens `[groups, group_size, embed]`, a routing decision, the experts as an
+`Experts` object, the per-group capacity) and one contract: given the same
+routing decision, the strategies of one dispatch mode produce the same layer
+output. The table `STRATEGIES`:
+
+  strategy        mode       moves tokens by                       experts run on
+  einsum          einsum     one-hot [G, S, E, C] einsums          [G, E, C] buffers
+  sorted_buffers  sorted     slot gathers                          [G, E, C] buffers
+  sorted_rows     sorted     the kept assignments, rows by expert  grouped matmuls
+  ragged          dropless   all assignments, rows by expert       grouped matmuls
+  overflow        dropless   sorted_buffers + excess rows          buffers + blocks
+  expert_choice   sorted     each expert gathers its tokens        [G, E, C] buffers
+
+* `einsum` (the TPU reference path of GShard / flaxformer): tokens move by
   dense einsums whose cost grows with the group size.
-* `sorted`: each kept (token, choice) assignment owns one slot
+* `sorted_buffers`: each kept (token, choice) assignment owns one slot
   `expert * capacity + priority` of a `[groups, experts * capacity]` buffer, so
   dispatch is one gather of token rows and combine one gather of slot rows.
   Both gathers have custom VJPs whose backward passes are gathers too (the
   inverse maps are exact since every slot holds at most one assignment), which
   avoids the serial scatter-adds that autodiff of a gather produces on CPU/GPU.
-* `dropless`: no capacity. All assignments become rows sorted by expert
-  (`row_layout`) for a grouped matmul (`jax.lax.ragged_dot`, TPU/GPU); or,
-  on CPU, `sorted` dispatch at the configured capacity plus, only when some
-  expert overflows it, the overflow as rows in blocks of one expert; see
-  `MoeLayer.dropless_backend`.
+* `sorted_rows`: the same kept assignments as exact rows sorted by expert
+  (`row_layout`), no capacity padding computed; on the CPU BLAS kernels.
+* `ragged`: no capacity; all assignments as rows for a grouped matmul
+  (`grouped_matmul.gmm`).
+* `overflow`: no capacity; `sorted_buffers` at the configured capacity plus,
+  only when some expert overflows it, the excess as rows in blocks of one
+  expert (batched matmuls, for backends without a grouped kernel).
+
+`resolve` maps the MoE layer's settings (dispatch, dropless_backend,
+grouped_matmul_implementation), the router kind, the expert-parallel degree,
+the device count and dtype to one `Plan` (a strategy and, for the row
+strategies, a concrete grouped-matmul implementation), once per layer call
+(see `candidates` for the rules). Where several plans can run, it asks a
+chooser: the MoE layer's measures them (`moe_jax.tuning`).
 
 See ../shared/reference/fast_moe.md for the cost model behind these choices.
 """
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from moe_jax import types
+from moe_jax.layers import grouped_matmul
 from moe_jax.layers import routing
 
 DISPATCH_MODES = ("einsum", "sorted", "dropless")
@@ -299,3 +323,282 @@ def overflow_block_size(max_rows: int, num_experts: int) -> int:
   """
   per_expert = max(-(-max_rows // num_experts), 8)
   return 1 << (per_expert - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------
+# Strategies: one interface, one table
+# ----------------------------------------------------------------------------
+Decision = Union[routing.TokenChoiceDecision, routing.ExpertChoiceDecision]
+
+
+class Experts(Protocol):
+  """The experts as the strategies call them (`moe.MoeLayer` implements it)."""
+
+  def on_buffers(self, buffer: types.Array) -> types.Array:
+    """`[groups, experts, capacity, embed]` -> the same (expert-parallel)."""
+
+  def on_rows(self, rows: types.Array, group_sizes: types.Array,
+              row_expert: types.Array) -> types.Array:
+    """`[rows, embed]` sorted by expert -> the same, by grouped matmuls."""
+
+  def on_blocks(self, blocks: types.Array, block_expert: types.Array) -> types.Array:
+    """`[blocks, block_size, embed]`, block b for expert `block_expert[b]`."""
+
+
+@flax.struct.dataclass
+class Dispatched:
+  """What a strategy returns.
+
+  Attributes:
+    output: `[groups, group_size, embed]` each token's combined expert outputs.
+    kept: <bool> the assignments computed: `[groups, group_size, k]` for
+      token choice, `[groups, experts, capacity]` for expert choice.
+    slots: expert rows computed (the denominator of `expert_usage`).
+  """
+
+  output: types.Array
+  kept: types.Array
+  slots: types.Array
+
+
+Strategy = Callable[[types.Array, Decision, Experts, int], Dispatched]
+
+
+def _num_experts(decision: Decision) -> int:
+  return decision.router_probs.shape[-1]
+
+
+def _capacity_kept(decision: Decision, capacity: int) -> types.Array:
+  if isinstance(decision, routing.ExpertChoiceDecision):
+    return decision.valid
+  return decision.valid & (decision.priority < capacity)
+
+
+def _capacity_slots(x: types.Array, decision: Decision, capacity: int) -> types.Array:
+  return jnp.asarray(x.shape[0] * _num_experts(decision) * capacity)
+
+
+def _buffers_output(x, decision, experts: Experts, capacity: int) -> types.Array:
+  """Sorted dispatch into `[groups, experts, capacity, embed]` buffers."""
+  groups, _, embed = x.shape
+  num_experts = _num_experts(decision)
+  slots = capacity_slot_map(decision, num_experts, capacity)
+  buffer = permute(x, slots).reshape(groups, num_experts, capacity, embed)
+  out = experts.on_buffers(buffer).reshape(groups, num_experts * capacity, embed)
+  return combine_choices(unpermute(out, slots), decision.combine_weights)
+
+
+def _rows_output(x, decision, experts: Experts, layout: RowLayout,
+                 block_size: Optional[int] = None) -> types.Array:
+  """Runs the assignments of `layout`: grouped matmuls, or blocks if given."""
+  groups, group_size, embed = x.shape
+  k = decision.expert_index.shape[-1]
+  tokens = x.reshape(1, groups * group_size, embed)
+  rows = permute(tokens, layout.slots)[0]  # [rows, embed]
+  if block_size is None:
+    out = experts.on_rows(rows, layout.group_sizes, layout.row_expert)
+  else:
+    # [rows, embed] -> [blocks, block_size, embed]; a block's expert is its first row's.
+    out = experts.on_blocks(rows.reshape(-1, block_size, embed),
+                            layout.row_expert[::block_size]).reshape(rows.shape)
+  y = combine_choices(unpermute(out[None], layout.slots),
+                      decision.combine_weights.reshape(1, groups * group_size, k))
+  return y.reshape(groups, group_size, embed)
+
+
+def einsum_strategy(x, decision, experts: Experts, capacity: int) -> Dispatched:
+  """One-hot dispatch and combine tensors (token or expert choice)."""
+  dispatch_mask, combine = einsum_masks(decision, _num_experts(decision), capacity, x.dtype)
+  y = einsum_combine(experts.on_buffers(einsum_dispatch(x, dispatch_mask)), combine)
+  return Dispatched(y, _capacity_kept(decision, capacity),
+                    _capacity_slots(x, decision, capacity))
+
+
+def sorted_buffers_strategy(x, decision, experts: Experts, capacity: int) -> Dispatched:
+  """Each kept assignment owns one slot of its expert's capacity buffer."""
+  return Dispatched(_buffers_output(x, decision, experts, capacity),
+                    _capacity_kept(decision, capacity),
+                    _capacity_slots(x, decision, capacity))
+
+
+def sorted_rows_strategy(x, decision, experts: Experts, capacity: int) -> Dispatched:
+  """The kept assignments of 'sorted' as exact rows: no capacity padding."""
+  groups, group_size, _ = x.shape
+  num_experts = _num_experts(decision)
+  k = decision.expert_index.shape[-1]
+  layout = row_layout(decision, num_experts, end_slot=capacity,
+                      max_rows=min(groups * group_size * k, groups * num_experts * capacity))
+  return Dispatched(_rows_output(x, decision, experts, layout),
+                    _capacity_kept(decision, capacity),
+                    _capacity_slots(x, decision, capacity))
+
+
+def ragged_strategy(x, decision, experts: Experts, capacity: int) -> Dispatched:
+  """Dropless: every assignment as a row, grouped matmuls; `slots` = rows used."""
+  del capacity  # No capacity.
+  layout = row_layout(decision, _num_experts(decision))
+  return Dispatched(_rows_output(x, decision, experts, layout), decision.valid,
+                    jnp.sum(decision.valid))
+
+
+def overflow_strategy(x, decision, experts: Experts, capacity: int) -> Dispatched:
+  """Dropless without a grouped kernel: 'sorted_buffers', then the overflow.
+
+  Assignments past the capacity, if any, run as rows sorted by expert in
+  blocks of one expert (memory bounded by the assignment count). That pass
+  sits in a `lax.cond`, so a load within capacity costs (almost) what
+  'sorted_buffers' costs; it is rematerialized in the backward pass, so when
+  it is not taken it holds no activations.
+  """
+  groups, group_size, _ = x.shape
+  num_experts = _num_experts(decision)
+  k = decision.expert_index.shape[-1]
+  y = _buffers_output(x, decision, experts, capacity)
+  result = Dispatched(y, decision.valid, _capacity_slots(x, decision, capacity))
+  if capacity >= group_size:
+    return result  # No expert can receive more than a group's tokens.
+  max_rows = groups * k * (group_size - capacity)
+  block_size = overflow_block_size(max_rows, num_experts)
+
+  def overflow(x):
+    layout = row_layout(decision, num_experts, first_slot=capacity, max_rows=max_rows,
+                        block_size=block_size)
+    return _rows_output(x, decision, experts, layout, block_size=block_size)
+
+  busiest = jnp.max(jnp.where(decision.valid, decision.priority, -1))
+  return result.replace(output=y + jax.lax.cond(
+      busiest >= capacity, jax.checkpoint(overflow), jnp.zeros_like, x))
+
+
+def expert_choice_strategy(x, decision: routing.ExpertChoiceDecision, experts: Experts,
+                           capacity: int) -> Dispatched:
+  """Expert-choice buffers: each expert gathers its chosen tokens."""
+  groups, group_size, embed = x.shape
+  num_experts = _num_experts(decision)
+  buffer = expert_choice_gather(x, decision)
+  out = experts.on_buffers(buffer.reshape(groups, num_experts, capacity, embed))
+  y = expert_choice_combine(out.reshape(groups, num_experts * capacity, embed), decision,
+                            group_size)
+  return Dispatched(y, decision.valid, _capacity_slots(x, decision, capacity))
+
+
+STRATEGIES: Dict[str, Strategy] = {
+    "einsum": einsum_strategy,
+    "sorted_buffers": sorted_buffers_strategy,
+    "sorted_rows": sorted_rows_strategy,
+    "ragged": ragged_strategy,
+    "overflow": overflow_strategy,
+    "expert_choice": expert_choice_strategy,
+}
+
+
+# ----------------------------------------------------------------------------
+# Resolution: the layer's settings -> one concrete plan
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A concrete strategy (a key of `STRATEGIES`), and the grouped matmul
+  implementation it runs on (row strategies only)."""
+
+  strategy: str
+  implementation: Optional[str] = None
+
+  @property
+  def name(self) -> str:
+    """E.g. 'sorted_buffers', 'sorted_rows/cpu_blas'."""
+    return self.strategy + (f"/{self.implementation}" if self.implementation else "")
+
+
+def explicit_fields(plan: Plan) -> Dict[str, str]:
+  """MoE layer settings that select exactly `plan`, whatever runs here.
+
+  Explicit settings are never overridden, so a layer with these resolves to
+  `plan` without measuring (how the candidates are timed).
+  """
+  fields = {
+      "einsum": dict(dispatch="einsum"),
+      "expert_choice": dict(dispatch="sorted"),
+      "sorted_buffers": dict(dispatch="sorted", grouped_matmul_implementation="xla"),
+      "sorted_rows": dict(dispatch="sorted",
+                          grouped_matmul_implementation=plan.implementation),
+      "ragged": dict(dispatch="dropless", dropless_backend="ragged",
+                     grouped_matmul_implementation=plan.implementation),
+      "overflow": dict(dispatch="dropless", dropless_backend="overflow"),
+  }
+  return fields[plan.strategy]
+
+
+def candidates(*, dispatch: str, dropless_backend: str, grouped_matmul_implementation: str,
+               expert_choice: bool, num_expert_partitions: int, dtype: types.DType,
+               embed: int, expert_mlp_dim: int,
+               device_count: Optional[int] = None) -> Tuple[Plan, ...]:
+  """The plans that can run this layer here; the first is the static rule's.
+
+  Explicit settings leave one plan. 'auto' settings leave more where more can
+  run:
+    * dispatch='sorted', grouped_matmul_implementation='auto', a single device
+      and expert partition, float32 on the CPU with the BLAS kernels built:
+      `sorted_buffers` and `sorted_rows/cpu_blas` (static rule: rows, no
+      padding computed). Everywhere else `sorted_buffers` (batched matmuls
+      over the padded buffer; accelerators and expert parallelism need no
+      more). An explicit 'cpu_blas' with one expert partition selects
+      `sorted_rows/cpu_blas`.
+    * dispatch='dropless', dropless_backend='auto': `overflow`, plus
+      `ragged/<kernel>` where a grouped kernel computes only each row's expert
+      (TPU's ragged_dot, Mosaic GPU on Hopper in bfloat16/float16, the CPU
+      BLAS kernels; static rule: ragged). XLA's dense lowering of ragged_dot
+      (E times the work) is never a candidate.
+    * expert-choice routers: `einsum` or `expert_choice` (dispatch='sorted').
+
+  Args:
+    dispatch, dropless_backend, grouped_matmul_implementation: the layer's
+      settings.
+    expert_choice: the router is an expert-choice router.
+    num_expert_partitions: the expert-parallel degree.
+    dtype: the experts' computation dtype.
+    embed, expert_mlp_dim: the experts' feature sizes.
+    device_count: devices the layer runs on (default `jax.device_count()`).
+  """
+  if expert_choice:
+    return (Plan("einsum"),) if dispatch == "einsum" else (Plan("expert_choice"),)
+  if dispatch == "einsum":
+    return (Plan("einsum"),)
+  kernel = grouped_matmul.grouped_kernel(grouped_matmul_implementation, dtype, embed,
+                                         expert_mlp_dim, device_count=device_count)
+  if dispatch == "sorted":
+    if kernel == "cpu_blas" and num_expert_partitions == 1:
+      rows = (Plan("sorted_rows", "cpu_blas"),)
+      return rows if grouped_matmul_implementation != "auto" else rows + (
+          Plan("sorted_buffers"),)
+    return (Plan("sorted_buffers"),)
+  if dropless_backend == "overflow":
+    return (Plan("overflow"),)
+  if dropless_backend == "ragged":
+    return (Plan("ragged", grouped_matmul.resolve_implementation(
+        grouped_matmul_implementation, dtype, embed, expert_mlp_dim,
+        device_count=device_count)),)
+  if kernel:
+    return (Plan("ragged", kernel), Plan("overflow"))
+  return (Plan("overflow"),)
+
+
+def resolve(*, choose: Optional[Callable[[Sequence[Plan]], Plan]] = None,
+            device_count: Optional[int] = None, **settings) -> Plan:
+  """The plan to run: the only candidate, or `choose(candidates)`.
+
+  Args:
+    choose: picks one of several candidates (e.g. by measuring them); None
+      applies the static rule (the first candidate).
+    device_count: as in `candidates`. With several devices the layer is
+      partitioned and a one-device measurement would not represent it, so the
+      static rule applies.
+    **settings: the other arguments of `candidates`.
+  """
+  device_count = jax.device_count() if device_count is None else device_count
+  plans = candidates(device_count=device_count, **settings)
+  if len(plans) == 1 or choose is None or device_count != 1:
+    return plans[0]
+  plan = choose(plans)
+  if plan not in plans:
+    raise ValueError(f"chooser returned {plan}, not one of {plans}.")
+  return plan

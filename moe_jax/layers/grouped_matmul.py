@@ -26,12 +26,14 @@ Implementations:
     float32, CPU backend; 'auto' picks it only with a single device (the
     custom call has no partitioning rule, so under a multi-device mesh GSPMD
     would gather its operands onto every device).
-  'auto': 'mosaic_gpu' or 'cpu_blas' where they apply, else 'xla'.
+  'auto' (a setting of the MoE layer, resolved once by
+    `moe_jax.layers.dispatch.resolve`; `gmm` itself takes a concrete one):
+    'mosaic_gpu' or 'cpu_blas' where they apply, else 'xla'.
 """
 
 import dataclasses
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -87,18 +89,28 @@ def mosaic_gpu_unsupported_reason(x_dtype, in_features: int, out_features: int) 
   return ""
 
 
-def cpu_blas_unsupported_reason(x_dtype, *, single_device: bool = True) -> str:
-  """Why the CPU BLAS kernels cannot run this product here ('' if they can)."""
+def cpu_blas_unsupported_reason(x_dtype, *, single_device: bool = True,
+                                device_count: Optional[int] = None) -> str:
+  """Why the CPU BLAS kernels cannot run this product here ('' if they can).
+
+  Args:
+    x_dtype: the product's dtype.
+    single_device: require a single device (what 'auto' does: the custom call
+      has no partitioning rule).
+    device_count: the device count to judge by (default: `jax.device_count()`).
+  """
   if jax.default_backend() != "cpu":
     return f"the default backend is {jax.default_backend()!r}, not the CPU"
-  if single_device and jax.device_count() != 1:
-    return f"there are {jax.device_count()} devices; the kernels have no partitioning rule"
+  device_count = jax.device_count() if device_count is None else device_count
+  if single_device and device_count != 1:
+    return f"there are {device_count} devices; the kernels have no partitioning rule"
   if jnp.dtype(x_dtype) != jnp.float32:
     return f"dtype {jnp.dtype(x_dtype).name} is not float32"
   return cpu_gmm.unavailable_reason()
 
 
-def efficient_implementation(x_dtype, in_features: int, out_features: int) -> str:
+def efficient_implementation(x_dtype, in_features: int, out_features: int, *,
+                             device_count: Optional[int] = None) -> str:
   """The implementation that computes only each row's own expert ('' if none).
 
   'xla' on TPU, 'mosaic_gpu' on Hopper GPUs, 'cpu_blas' on a single-device
@@ -108,28 +120,33 @@ def efficient_implementation(x_dtype, in_features: int, out_features: int) -> st
     return "xla"
   if not mosaic_gpu_unsupported_reason(x_dtype, in_features, out_features):
     return "mosaic_gpu"
-  if not cpu_blas_unsupported_reason(x_dtype):
+  if not cpu_blas_unsupported_reason(x_dtype, device_count=device_count):
     return "cpu_blas"
   return ""
 
 
-def grouped_kernel(implementation: str, x_dtype, in_features: int,
-                   out_features: int) -> str:
-  """What `gmm(..., implementation)` runs, or '' where that is XLA's dense lowering."""
-  efficient = efficient_implementation(x_dtype, in_features, out_features)
+def grouped_kernel(implementation: str, x_dtype, in_features: int, out_features: int, *,
+                   device_count: Optional[int] = None) -> str:
+  """What `gmm(..., implementation)` runs, or '' where that is XLA's dense lowering.
+
+  `implementation` may be 'auto' (the efficient one, if any).
+  """
+  efficient = efficient_implementation(x_dtype, in_features, out_features,
+                                       device_count=device_count)
   if implementation == "auto":
     return efficient
   return implementation if implementation != "xla" or efficient == "xla" else ""
 
 
 def resolve_implementation(implementation: str, x_dtype, in_features: int,
-                           out_features: int) -> str:
+                           out_features: int, *, device_count: Optional[int] = None) -> str:
   """Maps 'auto' to a concrete implementation; checks an explicit one."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown grouped matmul implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}.")
   if implementation == "auto":
-    return efficient_implementation(x_dtype, in_features, out_features) or "xla"
+    return efficient_implementation(x_dtype, in_features, out_features,
+                                    device_count=device_count) or "xla"
   if implementation == "mosaic_gpu":
     reason = mosaic_gpu_unsupported_reason(x_dtype, in_features, out_features)
   elif implementation == "cpu_blas":
@@ -209,7 +226,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(x: types.Array, w: types.Array, group_sizes: types.Array, *,
-        implementation: str = "auto") -> types.Array:
+        implementation: str = "xla") -> types.Array:
   """Grouped matmul of rows sorted by expert (see the module docstring).
 
   Args:
@@ -217,7 +234,8 @@ def gmm(x: types.Array, w: types.Array, group_sizes: types.Array, *,
       order.
     w: `[experts, in_features, out_features]`.
     group_sizes: <int32>[experts] rows per expert; `sum <= rows`.
-    implementation: one of `IMPLEMENTATIONS`.
+    implementation: 'xla', 'mosaic_gpu' or 'cpu_blas' (`resolve_implementation`
+      maps 'auto' to one of them).
 
   Returns:
     `[rows, out_features]` in `x`'s dtype.
@@ -228,6 +246,10 @@ def gmm(x: types.Array, w: types.Array, group_sizes: types.Array, *,
   if group_sizes.shape != (w.shape[0],):
     raise ValueError(f"group_sizes has shape {group_sizes.shape}; expected "
                      f"({w.shape[0]},), one count per expert.")
+  if implementation == "auto":
+    raise ValueError("gmm runs a concrete implementation; resolve 'auto' first with "
+                     "grouped_matmul.resolve_implementation(...).")
   w = w.astype(x.dtype)
+  # Checks that it can run here (an explicit choice is never replaced).
   implementation = resolve_implementation(implementation, x.dtype, w.shape[1], w.shape[2])
   return _gmm(x, w, group_sizes.astype(jnp.int32), implementation)

@@ -1,13 +1,14 @@
 """MoeLayer: a sparse feed-forward block (groups, capacity, router, dispatch, experts).
 
-A batch's path through the layer:
+A batch's path through the layer (`MoeLayer.__call__`):
 
   tokens [batch, length, embed]
     -> groups [groups, group_size, embed]            (padded, never truncated)
-    -> router: routing decision + losses              (float32)
-    -> dispatch ('einsum' | 'sorted' | 'dropless')    (tokens -> expert buffers)
-    -> experts: one (gated) FFN per expert            (self.dtype)
-    -> combine: weighted sum of each token's experts  (buffers -> tokens)
+    -> route: routing decision + losses               (float32)
+    -> dispatch -> experts -> combine                 (one strategy of
+       `dispatch.STRATEGIES`, resolved once per call by `dispatch.resolve`;
+       the experts: one (gated) FFN per expert, in self.dtype)
+    -> metrics (sown)
     -> [batch, length, embed]
 
 Losses and metrics are sown into the `intermediates` collection under the
@@ -22,7 +23,7 @@ which GSPMD lowers to an all-to-all, as in GShard
 (https://arxiv.org/abs/2006.16668).
 """
 
-import functools
+import dataclasses
 import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -32,9 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax import partitioning
+from moe_jax import tuning
 from moe_jax import types
 from moe_jax.layers import dense
-from moe_jax.layers import dispatch
+from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import grouped_matmul
 from moe_jax.layers import routing
 
@@ -133,7 +135,7 @@ def apply_experts(
     block_expert: Optional[types.Array] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[types.PRNGKey] = None,
-    grouped_matmul_implementation: str = "auto",
+    grouped_matmul_implementation: str = "xla",
 ) -> types.Array:
   """Runs every expert on its rows.
 
@@ -150,8 +152,8 @@ def apply_experts(
     block_expert: <int32>[blocks] for the block layout.
     dropout_rate: expert dropout on the hidden activations.
     dropout_rng: key for the dropout mask; None disables dropout.
-    grouped_matmul_implementation: `grouped_matmul.gmm`'s implementation for
-      the grouped layout.
+    grouped_matmul_implementation: `grouped_matmul.gmm`'s (concrete)
+      implementation for the grouped layout.
 
   Returns:
     Expert outputs shaped like `x`.
@@ -207,6 +209,41 @@ def experts_on_buffer(weights: ExpertWeights, buffer: types.Array,
       out, ("batch", "unmodeled", "length", "embed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerExperts:
+  """The experts of one layer call, as `dispatch.Experts` (strategies call it).
+
+  Attributes:
+    weights: the experts' weights.
+    activations: as in `dense.MlpBlock`.
+    dropout_rate: expert dropout rate.
+    dropout_rng: key of the dropout masks; None disables dropout.
+    implementation: the concrete grouped matmul of `on_rows` (row strategies).
+  """
+
+  weights: ExpertWeights
+  activations: Sequence[dense.Activation]
+  dropout_rate: float = 0.0
+  dropout_rng: Optional[types.PRNGKey] = None
+  implementation: Optional[str] = None
+
+  def on_buffers(self, buffer: types.Array) -> types.Array:
+    return experts_on_buffer(self.weights, buffer, self.activations,
+                             dropout_rate=self.dropout_rate, dropout_rng=self.dropout_rng)
+
+  def on_rows(self, rows, group_sizes, row_expert) -> types.Array:
+    return apply_experts(self.weights, rows, self.activations, group_sizes=group_sizes,
+                         row_expert=row_expert, dropout_rate=self.dropout_rate,
+                         dropout_rng=self.dropout_rng,
+                         grouped_matmul_implementation=self.implementation)
+
+  def on_blocks(self, blocks, block_expert) -> types.Array:
+    # The overflow pass's own dropout stream, apart from the buffers'.
+    rng = None if self.dropout_rng is None else jax.random.fold_in(self.dropout_rng, 1)
+    return apply_experts(self.weights, blocks, self.activations, block_expert=block_expert,
+                         dropout_rate=self.dropout_rate, dropout_rng=rng)
+
+
 class MoeLayer(nn.Module):
   """Sparse Mixture-of-Experts feed-forward layer.
 
@@ -224,9 +261,11 @@ class MoeLayer(nn.Module):
     use_bias: biases in the expert projections (T5 has none).
     max_group_size: tokens are routed in groups of at most this many. Group
       count G = ceil(tokens / max_group_size), rounded up to a multiple of the
-      expert-parallel degree; tokens are padded to fill G equal groups (the
-      padding is never routed and is sliced off the output).
-    num_groups: fixes G instead (must divide by `num_expert_partitions`).
+      batch's shards (the mesh's `data` x `expert` devices, so every device
+      holds whole groups; without a mesh the expert-parallel degree); tokens
+      are padded to fill G equal groups (the padding is never routed and is
+      sliced off the output).
+    num_groups: fixes G instead (must divide by the expert-parallel degree).
     group_by_sequence: make every sequence (batch row) its own group, whatever
       its length, as Hugging Face's Switch Transformers does; needed to
       reproduce those checkpoints' token dropping exactly.
@@ -251,17 +290,25 @@ class MoeLayer(nn.Module):
       float32). 'overflow': 'sorted' dispatch at the configured
       capacity (batched matmuls, the same all-to-all), plus, only when some
       expert's load exceeds it, the excess as rows sorted by expert in blocks
-      of one expert. This is the CPU path: XLA:CPU (and XLA:GPU without a
-      grouped kernel) lowers ragged_dot to a dense matmul against every
-      expert (E/k times the work). 'auto': ragged where a grouped kernel
-      applies (TPU, Mosaic GPU, CPU BLAS), overflow elsewhere.
+      of one expert. This is the path without a grouped kernel: XLA:CPU (and
+      XLA:GPU without one) lowers ragged_dot to a dense matmul against every
+      expert (E/k times the work). 'auto': where a grouped kernel applies
+      (TPU, Mosaic GPU, CPU BLAS) the faster of ragged and overflow, measured
+      on a single device (`moe_jax.tuning`; static rule: ragged), else
+      overflow.
     grouped_matmul_implementation: `grouped_matmul.gmm`'s implementation
       for 'ragged' ('auto', 'xla', 'mosaic_gpu' or 'cpu_blas'). With
-      'cpu_blas' (what 'auto' picks on a single-device CPU in float32),
-      'sorted' also runs its kept assignments as exact rows on those kernels
-      instead of padded capacity buffers: the same assignments, no padding.
-    num_expert_partitions: expert-parallel degree (size of the mesh's
-      `expert` axis); must divide `num_experts`.
+      'cpu_blas', 'sorted' runs its kept assignments as exact rows on those
+      kernels instead of padded capacity buffers: the same assignments, no
+      padding. With 'auto' on a single-device CPU in float32, 'sorted' runs
+      whichever of the two is faster here, measured once per shape and
+      environment (`moe_jax.tuning`; `MOE_JAX_TUNING=static` takes the rows).
+      See `dispatch.candidates` for every rule; explicit settings are never
+      overridden.
+    num_expert_partitions: expert-parallel degree; must divide
+      `num_experts`. Leave it unset: it is then the size of the `expert`
+      axis of the mesh the layer is traced under (1 without a mesh), so the
+      mesh alone decides it. Set, it must agree with that mesh.
     dtype: expert computation dtype (router math is always float32).
     kernel_init: initializer of each expert's kernels.
   """
@@ -283,17 +330,17 @@ class MoeLayer(nn.Module):
   dispatch: str = "sorted"
   dropless_backend: str = "auto"
   grouped_matmul_implementation: str = "auto"
-  num_expert_partitions: int = 1
+  num_expert_partitions: Optional[int] = None
   dtype: types.DType = jnp.float32
   kernel_init: types.Initializer = dense.default_kernel_init
 
   def setup(self):
     if self.num_experts < 1:
       raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
-    if self.dispatch not in dispatch.DISPATCH_MODES:
+    if self.dispatch not in dispatch_lib.DISPATCH_MODES:
       raise ValueError(
           f"Unknown dispatch {self.dispatch!r}; choose one of "
-          f"{dispatch.DISPATCH_MODES}.")
+          f"{dispatch_lib.DISPATCH_MODES}.")
     if self.dropless_backend not in DROPLESS_BACKENDS:
       raise ValueError(
           f"Unknown dropless_backend {self.dropless_backend!r}; choose one of "
@@ -312,16 +359,16 @@ class MoeLayer(nn.Module):
       raise ValueError(
           "Expert choice has a fixed capacity by construction; use "
           "dispatch='einsum' or 'sorted' with ExpertChoiceRouter.")
-    if self.num_expert_partitions < 1 or self.num_experts % self.num_expert_partitions:
+    partitions = self.expert_partitions
+    if partitions < 1 or self.num_experts % partitions:
       raise ValueError(
           f"num_experts={self.num_experts} must be divisible by "
-          f"num_expert_partitions={self.num_expert_partitions} (the mesh's expert "
-          "axis); change either.")
-    if self.num_groups is not None and (
-        self.num_groups < 1 or self.num_groups % self.num_expert_partitions):
+          f"num_expert_partitions={partitions} (the mesh's expert axis); change "
+          "the number of experts or the mesh's 'expert' size.")
+    if self.num_groups is not None and (self.num_groups < 1 or self.num_groups % partitions):
       raise ValueError(
           f"num_groups={self.num_groups} must be a positive multiple of the "
-          f"expert-parallel degree num_expert_partitions={self.num_expert_partitions}, "
+          f"expert-parallel degree num_expert_partitions={partitions}, "
           "so that every expert shard receives whole groups; change num_groups or "
           "leave it unset to derive it from max_group_size.")
     if self.group_by_sequence and self.num_groups is not None:
@@ -352,6 +399,19 @@ class MoeLayer(nn.Module):
     """k: experts per token (1 for expert choice, whose k varies per token)."""
     return getattr(self.router, "num_selected_experts", 1)
 
+  @property
+  def expert_partitions(self) -> int:
+    """The expert-parallel degree: the mesh's `expert` axis (see the field)."""
+    mesh_degree = partitioning.active_mesh_shape().get("expert")
+    if self.num_expert_partitions is None:
+      return mesh_degree or 1
+    if mesh_degree is not None and mesh_degree != self.num_expert_partitions:
+      raise ValueError(
+          f"MoeLayer.num_expert_partitions={self.num_expert_partitions} disagrees with "
+          f"the mesh's expert axis ({mesh_degree} devices); leave it unset (the mesh "
+          "decides) or change MESH_SHAPE.")
+    return self.num_expert_partitions
+
   def group_shape(self, batch: int, length: int) -> Tuple[int, int]:
     """(num_groups, group_size) for a `[batch, length]` batch of tokens."""
     if self.group_by_sequence:
@@ -359,8 +419,11 @@ class MoeLayer(nn.Module):
     num_tokens = batch * length
     groups = self.num_groups
     if groups is None:
+      mesh = partitioning.active_mesh_shape()
+      shards = (mesh.get("data", 1) * mesh.get("expert", 1) if mesh
+                else self.expert_partitions)
       groups = math.ceil(num_tokens / self.max_group_size)
-      groups = math.ceil(groups / self.num_expert_partitions) * self.num_expert_partitions
+      groups = math.ceil(groups / shards) * shards
     return groups, math.ceil(num_tokens / groups)
 
   def capacity(self, group_size: int, *, train: bool) -> int:
@@ -403,145 +466,109 @@ class MoeLayer(nn.Module):
           groups, group_size)
 
     capacity = self.capacity(group_size, train=enable_dropout)
+    # Route -> dispatch -> experts -> combine -> metrics.
     decision = self._router(
         x, num_experts=self.num_experts, expert_capacity=capacity,
         group_padding=group_padding, padding_mask=padding_mask,
         enable_dropout=enable_dropout)
-    weights = self.expert(embed)
-    dropout_rng = (self.make_rng("dropout")
-                   if enable_dropout and self.expert_dropout_rate > 0 else None)
-    compute = x.astype(self.dtype)
-
-    if isinstance(decision, routing.ExpertChoiceDecision):
-      y = self._expert_choice(compute, decision, weights, capacity, dropout_rng)
-      kept, slots = decision.valid, groups * self.num_experts * capacity
-    elif self.dispatch == "einsum":
-      y = self._einsum(compute, decision, weights, capacity, dropout_rng)
-      kept = decision.valid & (decision.priority < capacity)
-      slots = groups * self.num_experts * capacity
-    elif self.dispatch == "sorted":
-      kept = decision.valid & (decision.priority < capacity)
-      slots = groups * self.num_experts * capacity
-      if self._rows_for_capacity(embed):
-        layout = dispatch.row_layout(
-            decision, self.num_experts, end_slot=capacity,
-            max_rows=min(groups * group_size * decision.expert_index.shape[-1], slots))
-        y = self._rows(compute, decision, weights, layout, dropout_rng)
-      else:
-        y = self._sorted(compute, decision, weights, capacity, dropout_rng)
-    elif self._dropless_backend(embed) == "ragged":
-      y = self._rows(compute, decision, weights,
-                     dispatch.row_layout(decision, self.num_experts), dropout_rng)
-      kept = decision.valid
-      slots = jnp.sum(kept)
-    else:
-      y = self._overflowing(compute, decision, weights, capacity, dropout_rng)
-      kept = decision.valid
-      slots = groups * self.num_experts * capacity
-
-    self._sow_metrics(decision, kept, slots)
+    plan = self.dispatch_plan(inputs.shape, inputs.dtype, train=enable_dropout)
+    experts = LayerExperts(
+        weights=self.expert(embed), activations=self.activations,
+        dropout_rate=self.expert_dropout_rate,
+        dropout_rng=(self.make_rng("dropout")
+                     if enable_dropout and self.expert_dropout_rate > 0 else None),
+        implementation=plan.implementation)
+    result = dispatch_lib.STRATEGIES[plan.strategy](
+        x.astype(self.dtype), decision, experts, capacity)
+    self._sow_metrics(decision, result.kept, result.slots)
     # [groups, group_size, embed] -> [batch, length, embed]
-    y = y.reshape(groups * group_size, embed)[:num_tokens].reshape(batch, length, embed)
-    y = partitioning.with_sharding_constraint(y, ("batch", "length", "embed"))
+    y = result.output.reshape(groups * group_size, embed)[:num_tokens]
+    y = partitioning.with_sharding_constraint(y.reshape(batch, length, embed),
+                                              ("batch", "length", "embed"))
     return y.astype(inputs.dtype)
 
-  def _grouped_kernel(self, embed: int) -> str:
-    """The grouped matmul that computes only each row's expert ('' if none)."""
-    return grouped_matmul.grouped_kernel(self.grouped_matmul_implementation, self.dtype,
-                                         embed, self.expert_mlp_dim)
+  def dispatch_plan(self, input_shape: Sequence[int], input_dtype: types.DType = jnp.float32,
+                    *, train: bool) -> dispatch_lib.Plan:
+    """The strategy this layer runs on `<input_dtype>[batch, length, embed]`.
 
-  def _rows_for_capacity(self, embed: int) -> bool:
-    """Whether 'sorted' runs its kept assignments as exact rows, no buffer.
-
-    Only with the CPU BLAS kernels (which compute no padding and need no
-    expert-parallel all-to-all); batched matmuls over the padded buffer are
-    faster on accelerators.
+    Resolved from the settings, the router, the device count and the dtype
+    (`dispatch.resolve`). Where several strategies can run, the fastest here,
+    measured once per shape and environment and cached (`moe_jax.tuning`);
+    during `init` the static rule (parameters do not depend on it).
     """
-    return self._grouped_kernel(embed) == "cpu_blas" and self.num_expert_partitions == 1
+    batch, length, embed = input_shape
+    groups, group_size = self.group_shape(batch, length)
+    capacity = self.capacity(group_size, train=train)
 
-  def _dropless_backend(self, embed: int) -> str:
-    if self.dropless_backend != "auto":
-      return self.dropless_backend
-    return "ragged" if self._grouped_kernel(embed) else "overflow"
+    def choose(plans: Sequence[dispatch_lib.Plan]) -> dispatch_lib.Plan:
+      problem = {
+          "name": (f"MoeLayer {self.dispatch} E={self.num_experts} "
+                   f"k={self.num_selected_experts} groups={groups}x{group_size} "
+                   f"C={capacity} embed={embed} mlp={self.expert_mlp_dim}"),
+          "layer": "MoeLayer", "dispatch": self.dispatch,
+          "candidates": [plan.name for plan in plans],
+          "router": type(self.router).__name__, "num_experts": self.num_experts,
+          "k": self.num_selected_experts, "groups": groups, "group_size": group_size,
+          "capacity": capacity, "embed": embed, "expert_mlp_dim": self.expert_mlp_dim,
+          "activations": [str(a) for a in self.activations], "use_bias": self.use_bias,
+          "dtype": jnp.dtype(self.dtype).name, "input_dtype": jnp.dtype(input_dtype).name,
+          "train": train, "expert_dropout_rate": self.expert_dropout_rate if train else 0.0,
+      }
+      builders = self._timing_steps(plans, tuple(input_shape), input_dtype, train)
+      choice = tuning.choose(problem, builders, static=plans[0].name).choice
+      return next(plan for plan in plans if plan.name == choice)
 
-  def _experts(self, weights, buffer, dropout_rng):
-    return experts_on_buffer(weights, buffer, self.activations,
-                             dropout_rate=self.expert_dropout_rate, dropout_rng=dropout_rng)
+    initializing = self.scope is not None and self.is_initializing()
+    return dispatch_lib.resolve(
+        dispatch=self.dispatch, dropless_backend=self.dropless_backend,
+        grouped_matmul_implementation=self.grouped_matmul_implementation,
+        expert_choice=isinstance(self.router, routing.ExpertChoiceRouter),
+        num_expert_partitions=self.expert_partitions, dtype=self.dtype,
+        embed=embed, expert_mlp_dim=self.expert_mlp_dim,
+        choose=None if initializing else choose)
 
-  def _einsum(self, x, decision, weights, capacity, dropout_rng):
-    """One-hot dispatch and combine tensors (the TPU reference path)."""
-    dispatch_mask, combine = dispatch.einsum_masks(
-        decision, self.num_experts, capacity, self.dtype)
-    buffer = dispatch.einsum_dispatch(x, dispatch_mask)
-    return dispatch.einsum_combine(self._experts(weights, buffer, dropout_rng), combine)
+  def _timing_steps(self, plans: Sequence[dispatch_lib.Plan], input_shape: Tuple[int, ...],
+                    input_dtype: types.DType, train: bool) -> Dict[str, tuning.Builder]:
+    """Builders of jit(value_and_grad) of this layer forced to each plan.
 
-  def _expert_choice(self, x, decision, weights, capacity, dropout_rng):
-    """Expert-choice buffers: experts gather their chosen tokens."""
-    if self.dispatch == "einsum":
-      return self._einsum(x, decision, weights, capacity, dropout_rng)
-    groups, group_size, embed = x.shape
-    buffer = dispatch.expert_choice_gather(x, decision)
-    out = self._experts(
-        weights, buffer.reshape(groups, self.num_experts, capacity, embed), dropout_rng)
-    return dispatch.expert_choice_combine(
-        out.reshape(groups, self.num_experts * capacity, embed), decision, group_size)
-
-  def _sorted(self, x, decision, weights, capacity, dropout_rng):
-    """Sorted dispatch: each kept assignment owns one slot of its expert's buffer."""
-    groups, _, embed = x.shape
-    slots = dispatch.capacity_slot_map(decision, self.num_experts, capacity)
-    buffer = dispatch.permute(x, slots).reshape(groups, self.num_experts, capacity, embed)
-    out = self._experts(weights, buffer, dropout_rng).reshape(groups, -1, embed)
-    return dispatch.combine_choices(dispatch.unpermute(out, slots), decision.combine_weights)
-
-  def _overflowing(self, x, decision, weights, capacity, dropout_rng):
-    """Dropless on CPU: sorted dispatch at the capacity, then the overflow.
-
-    Assignments past the capacity, if any, run as rows sorted by expert in
-    blocks of one expert (memory bounded by the assignment count). That pass
-    sits in a `lax.cond`, so a load within capacity costs (almost) what
-    'sorted' costs; it is rematerialized in the backward pass, so when it is
-    not taken it holds no activations.
+    Forward and backward (parameters and inputs) of sum(outputs) + the
+    auxiliary losses on random inputs of the real shape, as in training. The
+    plans share one set of parameters and inputs (the parameters do not
+    depend on the plan). Everything runs in tuning's worker thread: no array
+    may be made in the caller's, which may be tracing.
     """
-    groups, group_size, embed = x.shape
-    k = decision.expert_index.shape[-1]
-    y = self._sorted(x, decision, weights, capacity, dropout_rng)
-    if capacity >= group_size:
-      return y  # No expert can receive more than a group's tokens.
-    max_rows = groups * k * (group_size - capacity)
-    block_size = dispatch.overflow_block_size(max_rows, self.num_experts)
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1)
+    layers = {plan.name: self.clone(parent=None, name=None,
+                                    **dispatch_lib.explicit_fields(plan)) for plan in plans}
+    shared = {}
 
-    def overflow(x):
-      layout = dispatch.row_layout(decision, self.num_experts, first_slot=capacity,
-                                   max_rows=max_rows, block_size=block_size)
-      return self._rows(x, decision, weights, layout, rng, block_size=block_size)
+    def rngs():
+      return {name: jax.random.PRNGKey(i)
+              for i, name in enumerate(("params", "dropout", "jitter", "gating"))}
 
-    busiest = jnp.max(jnp.where(decision.valid, decision.priority, -1))
-    return y + jax.lax.cond(busiest >= capacity, jax.checkpoint(overflow),
-                            jnp.zeros_like, x)
+    def inputs():
+      if not shared:
+        layer = next(iter(layers.values()))
+        shared["x"] = jax.random.normal(jax.random.PRNGKey(0), input_shape, input_dtype)
+        shared["params"] = jax.jit(lambda x: layer.init(rngs(), x, enable_dropout=train))(
+            shared["x"])["params"]
+      return shared["params"], shared["x"]
 
-  def _rows(self, x, decision, weights, layout, dropout_rng, block_size=None):
-    """Runs the assignments of `layout`: grouped matmul, or blocks if given."""
-    groups, group_size, embed = x.shape
-    k = decision.expert_index.shape[-1]
-    tokens = x.reshape(1, groups * group_size, embed)
-    rows = dispatch.permute(tokens, layout.slots)[0]  # [rows, embed]
-    if block_size is None:
-      out = apply_experts(weights, rows, self.activations, group_sizes=layout.group_sizes,
-                          row_expert=layout.row_expert,
-                          dropout_rate=self.expert_dropout_rate, dropout_rng=dropout_rng,
-                          grouped_matmul_implementation=self.grouped_matmul_implementation)
-    else:
-      # [rows, embed] -> [blocks, block_size, embed]; a block's expert is its first row's.
-      block_expert = layout.row_expert[::block_size]
-      out = apply_experts(weights, rows.reshape(-1, block_size, embed), self.activations,
-                          block_expert=block_expert, dropout_rate=self.expert_dropout_rate,
-                          dropout_rng=dropout_rng).reshape(rows.shape)
-    y = dispatch.combine_choices(
-        dispatch.unpermute(out[None], layout.slots),
-        decision.combine_weights.reshape(1, groups * group_size, k))
-    return y.reshape(groups, group_size, embed)
+    def builder(layer) -> tuning.Builder:
+      def build() -> tuning.Step:
+        params, x = inputs()
+
+        def loss(params, x):
+          y, state = layer.apply({"params": params}, x, enable_dropout=train, rngs=rngs(),
+                                 mutable=["intermediates"])
+          metrics = collect_moe_metrics(state["intermediates"])
+          return (jnp.sum(y.astype(jnp.float32)) + metrics["auxiliary_loss"]
+                  + metrics["router_z_loss"])
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        return lambda: step(params, x)
+      return build
+
+    return {name: builder(layer) for name, layer in layers.items()}
 
   def _sow_metrics(self, decision, kept, slots) -> None:
     """Sows the losses and the load/drop metrics (float32 scalars).

@@ -27,6 +27,11 @@ def test_json_lines_and_table(capsys):
     # On one device the group size is exactly what was asked for.
     assert row["group_size"] == 1024
     assert row["bound_ratio"] == pytest.approx(row["moe_ms"] / row["expert_bound_ms"], rel=0.01)
+    # Ratios come from the reported times (4 significant digits, even sub-ms).
+    assert row["bound_ratio"] == float(f"{row['moe_ms'] / row['expert_bound_ms']:.4g}")
+    # What ran; the suite's 8 fake devices leave one strategy per mode.
+    assert row["strategy"] == {"einsum": "einsum", "sorted": "sorted_buffers",
+                               "dropless": "overflow"}[row["dispatch"]]
     if row["dispatch"] != "dropless":
       # round(1.25 * k * 1024 / 4)
       assert row["expert_capacity"] == round(1.25 * row["topk"] * 1024 / 4)
