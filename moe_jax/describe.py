@@ -32,8 +32,11 @@ Definitions (all documented in the output):
     token in elements:
       attention: 4*d + 4*H*hd + 2*H*L_ctx     (norm, q/k/v/out, logits+probs)
       dense FFN: 2*d + (n_in + 1)*d_ff        (norm, projections, product)
-      MoE FFN:   2*d + c*(2*d + (n_in + 1)*d_ff_e)   with c = k * cf tokens per
-                 routed token (dispatch/combine buffers and expert hidden)
+      MoE FFN:   2*d + c*(2*d + (n_in + 1)*d_ff_e)   with c the expert rows per
+                 token that the layer itself computes: experts * C / group_size
+                 (C and groups from the layer's own rules, with the mesh's
+                 expert-parallel degree), k for dropless (dispatch/combine
+                 buffers and expert hidden)
     summed over layers, plus float32 logits (2 * vocab per decoder token). With
     a remat policy other than 'none' only each layer's input (d per token) is
     kept, plus one layer's full activations.
@@ -43,23 +46,22 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
+from moe_jax import cli
+from moe_jax import config
 from moe_jax import partitioning
 from moe_jax.layers import routing
 from moe_jax.models import transformer
 
 OPTIMIZERS = ("adafactor", "adam", "none")
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -73,21 +75,10 @@ class LayerSummary:
   matmul_params: int          # activated params used as matmul weights
 
 
-def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str] = ()):
-  """Parses model gins and returns the `%MODEL` object.
-
-  Include paths resolve against the working directory and the repository
-  root, so `python -m moe_jax.describe` works from anywhere inside a checkout.
-  """
-  for path in (os.getcwd(), _REPO_ROOT):
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
-  return gin.query_parameter("%MODEL").scoped_configurable_fn()
-
-
 def abstract_variables(module: transformer.EncoderDecoder):
   """`params` and `params_axes` shapes of an unscanned copy of `module`."""
-  module = module.clone(scan_layers=False, remat_policy="none")
+  module = module.clone(config=dataclasses.replace(module.config, scan_layers=False,
+                                                   remat_policy="none"))
   tokens = jnp.ones((1, 8), jnp.int32)
   return jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
@@ -133,7 +124,7 @@ def summarize_layers(module: transformer.EncoderDecoder, params) -> List[LayerSu
     is_matmul = leaf.ndim >= 2 and path[-1] not in ("rel_embedding", "embedding")
     if is_matmul:
       group.matmul_params += int(round(active))
-  if module.logits_via_embedding:
+  if module.config.logits_via_embedding:
     # The tied embedding is also the output projection of decoder tokens.
     groups["token_embedder"].kind = "embedding (tied logits)"
   return sorted(groups.values(), key=_group_order)
@@ -153,6 +144,7 @@ def describe(model, mesh: Optional[Dict[str, int]] = None, batch: Optional[int] 
              rules=None) -> Dict[str, Any]:
   """Computes the figures printed by the CLI (see the module docstring)."""
   module = model.module
+  cfg = module.config
   variables = abstract_variables(module)
   params = variables["params"]
   layers = summarize_layers(module, params)
@@ -160,8 +152,8 @@ def describe(model, mesh: Optional[Dict[str, int]] = None, batch: Optional[int] 
   activated = sum(l.activated_params for l in layers)
   encoder_matmul = sum(l.matmul_params for l in layers if l.name.startswith("encoder/"))
   decoder_matmul = sum(l.matmul_params for l in layers if l.name.startswith("decoder/"))
-  if module.logits_via_embedding:
-    decoder_matmul += module.vocab_size * module.emb_dim
+  if cfg.logits_via_embedding:
+    decoder_matmul += cfg.vocab_size * cfg.emb_dim
   encoder_flops = 2 * encoder_matmul
   decoder_flops = 2 * decoder_matmul
   out: Dict[str, Any] = {
@@ -174,9 +166,9 @@ def describe(model, mesh: Optional[Dict[str, int]] = None, batch: Optional[int] 
   }
   if lengths:
     enc_len, dec_len = lengths
-    attn_width = module.num_heads * module.head_dim
-    enc_attn = module.num_encoder_layers * 4 * enc_len * attn_width
-    dec_attn = module.num_decoder_layers * 4 * (dec_len + enc_len) * attn_width
+    attn_width = cfg.num_heads * cfg.head_dim
+    enc_attn = cfg.num_encoder_layers * 4 * enc_len * attn_width
+    dec_attn = cfg.num_decoder_layers * 4 * (dec_len + enc_len) * attn_width
     out["attention_flops_per_token"] = (enc_attn + dec_attn) / 2
     out["forward_flops_per_sequence"] = (enc_len * (encoder_flops + enc_attn)
                                          + dec_len * (decoder_flops + dec_attn))
@@ -239,7 +231,21 @@ def memory_per_device(module, variables, mesh: Dict[str, int], batch: Optional[i
   return result
 
 
+def _routed_rows_per_token(layer, local_batch: int, length: int) -> float:
+  """Expert rows a token occupies in `layer`'s buffers, as the layer computes them.
+
+  Capacity dispatch fills `experts * C` slots per group of `group_size`
+  tokens (C from the layer's own capacity rule); dropless keeps exactly k
+  rows per token.
+  """
+  if layer.dispatch == "dropless":
+    return float(layer.num_selected_experts)
+  groups, group_size = layer.group_shape(local_batch, length)
+  return layer.num_experts * layer.capacity(group_size, train=True) / group_size
+
+
 def _activation_bytes(module, mesh, batch, lengths) -> int:
+  cfg = module.config
   data_ways = mesh.get("data", 1) * mesh.get("expert", 1)
   if batch % data_ways:
     raise ValueError(
@@ -247,48 +253,39 @@ def _activation_bytes(module, mesh, batch, lengths) -> int:
         "(the batch is sharded over both axes).")
   local_batch = batch // data_ways
   model_ways = mesh.get("model", 1)
-  d = module.emb_dim
-  heads = module.num_heads / model_ways
-  width = heads * module.head_dim
-  n_in = len(module.mlp_activations)
-  dense_ffn = 2 * d + (n_in + 1) * module.mlp_dim / model_ways
-  bytes_per = jnp.dtype(module.dtype).itemsize
+  d = cfg.emb_dim
+  heads = cfg.num_heads / model_ways
+  width = heads * cfg.head_dim
+  n_in = len(cfg.mlp_activations)
+  dense_ffn = 2 * d + (n_in + 1) * cfg.mlp_dim / model_ways
+  bytes_per = jnp.dtype(cfg.dtype).itemsize
 
-  def sparse_ffn(factory):
-    layer = factory()
-    routed = _experts_per_token(layer) * layer.train_capacity_factor
-    if isinstance(layer.router, routing.ExpertChoiceRouter):
-      routed = layer.train_capacity_factor
+  def sparse_ffn(factory, length):
+    # Groups are formed per device, with the mesh's expert-parallel degree.
+    layer = factory().clone(num_expert_partitions=mesh.get("expert", 1))
     hidden = (len(layer.activations) + 1) * layer.expert_mlp_dim / model_ways
-    return 2 * d + routed * (2 * d + hidden)
+    return 2 * d + _routed_rows_per_token(layer, local_batch, length) * (2 * d + hidden)
 
-  def stack(num_layers, sparse_indices, factory, contexts):
+  def stack(name, factory, length, contexts):
+    sparse_indices = cfg.sparse_layers(name)
     per_layer = []
-    for i in range(num_layers):
+    for i in range(getattr(cfg, f"num_{name}_layers")):
       attn = sum(4 * d + 4 * width + 2 * heads * ctx for ctx in contexts)
-      ffn = sparse_ffn(factory) if i in sparse_indices else dense_ffn
-      if i in sparse_indices and module.extra_mlp:
+      ffn = sparse_ffn(factory, length) if i in sparse_indices else dense_ffn
+      if i in sparse_indices and cfg.extra_mlp:
         ffn += dense_ffn
       per_layer.append(attn + ffn)
     return per_layer
 
   enc_len, dec_len = lengths
-  enc = stack(module.num_encoder_layers,
-              transformer.sparse_layer_indices(module.num_encoder_layers,
-                                               module.num_encoder_sparse_layers,
-                                               module.encoder_sparse_layout),
-              module.encoder_sparse_mlp, [enc_len])
-  dec = stack(module.num_decoder_layers,
-              transformer.sparse_layer_indices(module.num_decoder_layers,
-                                               module.num_decoder_sparse_layers,
-                                               module.decoder_sparse_layout),
-              module.decoder_sparse_mlp, [dec_len, enc_len])
-  if module.remat_policy == "none":
+  enc = stack("encoder", module.encoder_sparse_mlp, enc_len, [enc_len])
+  dec = stack("decoder", module.decoder_sparse_mlp, dec_len, [dec_len, enc_len])
+  if cfg.remat_policy == "none":
     elems = enc_len * sum(enc) + dec_len * sum(dec)
   else:
-    elems = (enc_len * module.num_encoder_layers * d + dec_len * module.num_decoder_layers * d
+    elems = (enc_len * cfg.num_encoder_layers * d + dec_len * cfg.num_decoder_layers * d
              + max(enc_len * max(enc), dec_len * max(dec)))
-  logits_bytes = 4 * 2 * dec_len * module.vocab_size / model_ways
+  logits_bytes = 4 * 2 * dec_len * cfg.vocab_size / model_ways
   return int(local_batch * (elems * bytes_per + logits_bytes))
 
 
@@ -332,33 +329,16 @@ def format_report(figures: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(
-      description="Parameter, FLOP and memory figures of a model gin.")
-  parser.add_argument("--gin_file", action="append", required=True,
-                      help="model gin file (repeatable)")
-  parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="extra gin binding, e.g. NUM_EXPERTS=16 (repeatable)")
-  parser.add_argument("--mesh", help="e.g. data=8,expert=16,model=1")
-  parser.add_argument("--batch", type=int, help="global batch size (sequences)")
-  parser.add_argument("--lengths", help="encoder,decoder lengths, e.g. 2048,512")
-  parser.add_argument("--optimizer", default="adafactor", choices=OPTIMIZERS)
-  parser.add_argument("--parameter_partitioning_dims", type=int, default=1, choices=(1, 2),
-                      help="2 also shards parameters' embed axis over `data`")
-  parser.add_argument("--json", action="store_true", help="print one JSON line")
-  args = parser.parse_args(argv)
+def _describe(args: argparse.Namespace) -> None:
   lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else None
   if lengths is not None and len(lengths) != 2:
-    parser.error("--lengths takes ENCODER_LENGTH,DECODER_LENGTH")
+    raise ValueError(f"--lengths takes ENCODER_LENGTH,DECODER_LENGTH, got {args.lengths!r}.")
   mesh = partitioning.parse_mesh_spec(args.mesh) if args.mesh else None
-  try:
-    model = load_model(args.gin_file, args.gin_bindings)
-    rules = partitioning.standard_logical_axis_rules(
-        parameter_partitioning_dims=args.parameter_partitioning_dims)
-    figures = describe(model, mesh=mesh, batch=args.batch, lengths=lengths,
-                       optimizer=args.optimizer, rules=rules)
-  except ValueError as e:
-    sys.exit(f"describe: {e}")
+  model = config.load_model(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  rules = partitioning.standard_logical_axis_rules(
+      parameter_partitioning_dims=args.parameter_partitioning_dims)
+  figures = describe(model, mesh=mesh, batch=args.batch, lengths=lengths,
+                     optimizer=args.optimizer, rules=rules)
   if args.json:
     figures = {k: v for k, v in figures.items() if k != "layers"}
     print(json.dumps(figures, sort_keys=True))
@@ -366,5 +346,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(format_report(figures))
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m moe_jax.describe",
+      description="Parameter, FLOP and memory figures of a model gin.")
+  cli.add_gin_flags(parser)
+  parser.add_argument("--mesh", help="e.g. data=8,expert=16,model=1")
+  parser.add_argument("--batch", type=int, help="global batch size (sequences)")
+  parser.add_argument("--lengths", help="encoder,decoder lengths, e.g. 2048,512")
+  parser.add_argument("--optimizer", default="adafactor", choices=OPTIMIZERS)
+  parser.add_argument("--parameter_partitioning_dims", type=int, default=1, choices=(1, 2),
+                      help="2 also shards parameters' embed axis over `data`")
+  parser.add_argument("--json", action="store_true", help="print one JSON line")
+  cli.add_output_flags(parser)
+  return cli.run(_describe, parser, argv)
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

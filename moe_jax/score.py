@@ -18,12 +18,12 @@ import os
 import sys
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import gin
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from moe_jax.convert import hf
+from moe_jax import checkpoints
+from moe_jax import cli
+from moe_jax import config
 
 # Pad lengths to a multiple of this so that few distinct shapes get compiled.
 _LENGTH_MULTIPLE = 8
@@ -31,58 +31,6 @@ _LENGTH_MULTIPLE = 8
 
 class InputError(ValueError):
   """A problem with the input file, naming the line."""
-
-
-def load_model(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-               gin_search_paths: Sequence[str] = ()) -> Any:
-  """Parses gin and returns the configured `%MODEL`.
-
-  Raises:
-    FileNotFoundError: for a missing gin file.
-    ValueError: when the gin files do not define MODEL.
-  """
-  for path in gin_files:
-    if not os.path.isfile(path) and not any(
-        os.path.isfile(os.path.join(root, path)) for root in gin_search_paths):
-      raise FileNotFoundError(f"gin file {path!r} does not exist.")
-  for root in gin_search_paths:
-    gin.add_config_file_search_path(root)
-  # Not finalized: the config stays editable for callers that load again.
-  gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
-  try:
-    model_ref = gin.query_parameter("%MODEL")
-  except ValueError:
-    raise ValueError(f"The gin files {list(gin_files)} do not define MODEL "
-                     "(e.g. `MODEL = @model.EncoderDecoderModel()`).") from None
-  return model_ref.scoped_configurable_fn()
-
-
-def find_checkpoint(path: str) -> str:
-  """Resolves `--checkpoint`: an orbax checkpoint directory or a conversion output.
-
-  Accepts the directory `python -m moe_jax.convert` wrote (its `checkpoint/`
-  subdirectory holds the parameters) or an orbax checkpoint directory itself.
-  """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
-  nested = os.path.join(path, "checkpoint")
-  if os.path.isdir(nested):
-    return nested
-  if any(os.path.exists(os.path.join(path, marker))
-         for marker in ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")):
-    return path
-  raise FileNotFoundError(
-      f"{path!r} is neither an orbax checkpoint nor a directory with a "
-      "`checkpoint/` subdirectory (what `python -m moe_jax.convert hf` writes).")
-
-
-def restore_params(path: str) -> Mapping[str, Any]:
-  """Restores `params` from an orbax checkpoint of `{'params': ...}`."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(os.path.abspath(find_checkpoint(path)))
-  if "params" not in state:
-    raise ValueError(f"Checkpoint {path!r} has no 'params' entry (found {sorted(state)}).")
-  return state["params"]
 
 
 def _token_ids(value: Any, field: str, line: int) -> List[int]:
@@ -176,7 +124,7 @@ def score_file(model: Any, params: Mapping[str, Any], input_file: str, output_fi
     raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if not os.path.isfile(input_file):
     raise FileNotFoundError(f"Input file {input_file!r} does not exist.")
-  hf.check_params_match_model(params, hf.param_shapes(model))
+  checkpoints.check_params_match_model(params, checkpoints.param_shapes(model))
   score = jax.jit(model.score_batch)
   examples = read_examples(input_file, model.input_vocabulary, model.output_vocabulary)
   tmp_file = output_file + ".tmp"
@@ -201,32 +149,24 @@ def score_file(model: Any, params: Mapping[str, Any], input_file: str, output_fi
   return count
 
 
+def _score(args: argparse.Namespace) -> None:
+  model = config.load_model(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  params = checkpoints.restore_params(args.checkpoint)
+  count = score_file(model, params, args.input_file, args.output_file, args.batch_size)
+  print(f"Scored {count} examples; wrote {os.path.abspath(args.output_file)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m moe_jax.score",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--gin_file", action="append", required=True,
-                      help="gin file defining MODEL (repeatable)")
-  parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="extra gin binding, e.g. \"DROPOUT_RATE = 0.0\" (repeatable)")
-  parser.add_argument("--gin_search_paths", default="",
-                      help="comma-separated directories to resolve gin includes")
+  cli.add_gin_flags(parser)
   parser.add_argument("--checkpoint", required=True,
                       help="orbax checkpoint directory, or a `moe_jax.convert` output dir")
   parser.add_argument("--input_file", required=True, help="JSON lines to score")
   parser.add_argument("--output_file", required=True, help="where to write JSON lines")
   parser.add_argument("--batch_size", type=int, default=8)
-  args = parser.parse_args(argv)
-
-  try:
-    search_paths = [p for p in args.gin_search_paths.split(",") if p]
-    model = load_model(args.gin_file, args.gin_bindings, search_paths)
-    params = restore_params(args.checkpoint)
-    count = score_file(model, params, args.input_file, args.output_file, args.batch_size)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"Scored {count} examples; wrote {os.path.abspath(args.output_file)}")
-  return 0
+  cli.add_output_flags(parser)
+  return cli.run(_score, parser, argv)
 
 
 if __name__ == "__main__":

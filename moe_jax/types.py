@@ -3,7 +3,6 @@
 from typing import Any, Callable, Sequence, Tuple, Union
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 DType = Any
@@ -11,4 +10,3 @@ PRNGKey = jax.Array
 Shape = Sequence[int]
 Initializer = Callable[[PRNGKey, Shape, DType], Array]
 LogicalAxes = Tuple[Union[str, None], ...]
-Float32 = jnp.float32

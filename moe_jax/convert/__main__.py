@@ -11,7 +11,23 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from moe_jax import cli
 from moe_jax.convert import hf
+
+
+def _import_hf(args: argparse.Namespace) -> None:
+  result = hf.convert(args.checkpoint_dir, args.output_dir)
+  arch = result.architecture
+  kind = (f"sparse, {arch.num_experts} experts, encoder MoE layers "
+          f"{list(arch.encoder_sparse_layers)}, decoder MoE layers "
+          f"{list(arch.decoder_sparse_layers)}" if arch.num_experts else "dense")
+  print(f"Converted {arch.model_type} ({kind}; {result.num_parameters:,} parameters).")
+  print(f"Wrote checkpoint: {result.checkpoint_dir}")
+  print(f"Wrote gin config: {result.gin_file}")
+  if result.vocabulary_file:
+    print(f"Wrote vocabulary: {result.vocabulary_file}")
+  else:
+    print("No spiece.model in the source: score with token ids, or bind VOCABULARY.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -24,25 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          help="Hugging Face directory with config.json and weights")
   hf_parser.add_argument("--output_dir", required=True,
                          help="new (or empty) output directory")
-  args = parser.parse_args(argv)
-
-  try:
-    result = hf.convert(args.checkpoint_dir, args.output_dir)
-  except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  arch = result.architecture
-  kind = (f"sparse, {arch.num_experts} experts, encoder MoE layers "
-          f"{list(arch.encoder_sparse_layers)}, decoder MoE layers "
-          f"{list(arch.decoder_sparse_layers)}" if arch.num_experts else "dense")
-  print(f"Converted {arch.model_type} ({kind}; {result.num_parameters:,} parameters).")
-  print(f"Wrote checkpoint: {result.checkpoint_dir}")
-  print(f"Wrote gin config: {result.gin_file}")
-  if result.vocabulary_file:
-    print(f"Wrote vocabulary: {result.vocabulary_file}")
-  else:
-    print("No spiece.model in the source: score with token ids, or bind VOCABULARY.")
-  return 0
+  cli.add_output_flags(hf_parser)
+  hf_parser.set_defaults(run=_import_hf)
+  return cli.run(lambda args: args.run(args), parser, argv)
 
 
 if __name__ == "__main__":

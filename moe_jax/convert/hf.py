@@ -34,6 +34,7 @@ gate, each sequence its own routing group, and a fixed per-expert capacity
 """
 
 import dataclasses
+import enum
 import json
 import os
 import shutil
@@ -41,12 +42,11 @@ import struct
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import gin
-import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 
+from moe_jax import checkpoints
+from moe_jax import config as config_lib
 from moe_jax.models import transformer
 
 CONFIG_FILE = "config.json"
@@ -55,7 +55,6 @@ SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 SPIECE_FILE = "spiece.model"
-CHECKPOINT_SUBDIR = "checkpoint"
 GIN_FILE = "model.gin"
 
 # model_type -> the family whose layer names it uses.
@@ -90,50 +89,41 @@ class HfArchitecture:
 
   Attributes:
     model_type: config.json `model_type` ('t5', 'mt5', 'switch_transformers').
-    vocab_size: rows of the embedding table.
-    emb_dim: `d_model`.
-    num_heads: attention heads.
-    head_dim: `d_kv`.
-    mlp_dim: `d_ff` (also each expert's hidden width).
-    num_encoder_layers / num_decoder_layers: stack depths.
-    mlp_activations: moe_jax activation names, one per input projection.
-    relative_attention_num_buckets / relative_attention_max_distance: T5
-      relative position bucketing.
-    logits_via_embedding: tied output embedding with `d_model**-0.5` scaling;
-      otherwise an untied `logits_dense` kernel.
+    config: the moe_jax `TransformerConfig` that computes the same function
+      (float32; sparse layer counts and layouts included).
     scale_logits: whether the checkpoint scales decoder outputs by
       `d_model**-0.5` before the output projection (folded into the untied
-      kernel when `logits_via_embedding` is False).
-    dropout_rate: config.json `dropout_rate` (used when fine-tuning).
+      kernel when `config.logits_via_embedding` is False).
     num_experts: experts per sparse layer (0: dense model).
     expert_capacity: fixed per-sequence capacity of each expert (Switch).
-    encoder_sparse_layers / decoder_sparse_layers: indices of sparse layers.
     router_jitter_noise: Switch's training-time router input jitter.
   """
 
   model_type: str
-  vocab_size: int
-  emb_dim: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  num_encoder_layers: int
-  num_decoder_layers: int
-  mlp_activations: Tuple[str, ...]
-  relative_attention_num_buckets: int
-  relative_attention_max_distance: int
-  logits_via_embedding: bool
+  config: transformer.TransformerConfig
   scale_logits: bool
-  dropout_rate: float
   num_experts: int = 0
   expert_capacity: Optional[int] = None
-  encoder_sparse_layers: Tuple[int, ...] = ()
-  decoder_sparse_layers: Tuple[int, ...] = ()
   router_jitter_noise: float = 0.0
+
+  def __getattr__(self, name: str) -> Any:
+    # The transformer hyperparameters read as the architecture's own
+    # (`arch.emb_dim`); `config` itself is looked up normally.
+    if name == "config":
+      raise AttributeError(name)
+    return getattr(self.config, name)
 
   @property
   def family(self) -> str:
     return SUPPORTED_MODEL_TYPES[self.model_type]
+
+  @property
+  def encoder_sparse_layers(self) -> Tuple[int, ...]:
+    return self.config.sparse_layers("encoder")
+
+  @property
+  def decoder_sparse_layers(self) -> Tuple[int, ...]:
+    return self.config.sparse_layers("decoder")
 
 
 # ---------------------------------------------------------------------------
@@ -260,10 +250,21 @@ def _sparse_layers(weights: Mapping[str, np.ndarray], stack: str, num_layers: in
       if f"{stack}.block.{i}.layer.{ffn_sublayer}.mlp.router.classifier.weight" in weights)
 
 
-def _switch_rule_layers(num_layers: int, num_sparse: int) -> Tuple[int, ...]:
-  """transformers' placement: layer i is sparse iff i % step == 1 (or step 1)."""
-  step = num_layers // num_sparse if num_sparse > 0 else num_layers
-  return tuple(i for i in range(num_layers) if step == 1 or i % step == 1)
+def transformers_sparse_layers(config: Mapping[str, Any], stack: str,
+                               num_layers: int) -> Tuple[int, ...]:
+  """The layers transformers builds sparse in a SwitchTransformers stack.
+
+  transformers decides from `{stack}_sparse_step` (written to config.json by
+  transformers 5; derived from `num_sparse_{stack}_layers` when absent, as
+  `num_layers // count`, or `num_layers` for a count of 0): layer i is sparse
+  iff `step > 0 and (i % step == 1 or step == 1)`.
+  """
+  step = config.get(f"{stack}_sparse_step")
+  if step is None:
+    count = _require(config, f"num_sparse_{stack}_layers")
+    step = num_layers // count if count > 0 else num_layers
+  step = int(step)
+  return tuple(i for i in range(num_layers) if step > 0 and (step == 1 or i % step == 1))
 
 
 def architecture_from_config(config: Mapping[str, Any],
@@ -271,7 +272,8 @@ def architecture_from_config(config: Mapping[str, Any],
   """Derives the architecture from config.json and the tensors present.
 
   Sparse layers are read from the weights (which layers have a router), and
-  checked against config.json's `num_sparse_*_layers`.
+  checked against the layers transformers builds sparse from config.json
+  (`transformers_sparse_layers`).
 
   Raises:
     ValueError: for settings moe_jax cannot reproduce exactly.
@@ -319,7 +321,7 @@ def architecture_from_config(config: Mapping[str, Any],
 
   num_experts = 0
   expert_capacity = None
-  enc_sparse = dec_sparse = ()
+  sparse = {"encoder": (), "decoder": ()}
   jitter = 0.0
   if family == "switch":
     if config.get("router_bias", False):
@@ -328,37 +330,48 @@ def architecture_from_config(config: Mapping[str, Any],
     num_experts = _require(config, "num_experts")
     expert_capacity = _require(config, "expert_capacity")
     jitter = float(config.get("router_jitter_noise", 0.0))
-    enc_sparse = _sparse_layers(weights, "encoder", num_layers, 1)
-    dec_sparse = _sparse_layers(weights, "decoder", num_decoder_layers, 2)
-    for stack, found, n, count_key in (
-        ("encoder", enc_sparse, num_layers, "num_sparse_encoder_layers"),
-        ("decoder", dec_sparse, num_decoder_layers, "num_sparse_decoder_layers")):
-      expected = _switch_rule_layers(n, _require(config, count_key))
+    for stack, n, ffn_sublayer in (("encoder", num_layers, 1),
+                                   ("decoder", num_decoder_layers, 2)):
+      found = _sparse_layers(weights, stack, n, ffn_sublayer)
+      expected = transformers_sparse_layers(config, stack, n)
       if found != expected:
+        keys = [k for k in (f"num_sparse_{stack}_layers", f"{stack}_sparse_step")
+                if k in config]
+        settings = ", ".join(f"{k}={config[k]}" for k in keys)
         raise ValueError(
             f"The checkpoint's {stack} has routers in layers {list(found)}, but "
-            f"config.json ({count_key}={config.get(count_key)}) implies layers "
-            f"{list(expected)}; the weights and config.json do not belong together.")
+            f"config.json ({settings}) makes transformers build layers "
+            f"{list(expected)} sparse; the weights and config.json do not belong "
+            "together.")
+      sparse[stack] = found
 
+  (num_encoder_sparse, encoder_layout), (num_decoder_sparse, decoder_layout) = (
+      sparse_layout(sparse["encoder"], num_layers),
+      sparse_layout(sparse["decoder"], num_decoder_layers))
   return HfArchitecture(
       model_type=model_type,
-      vocab_size=int(shared.shape[0]),
-      emb_dim=_require(config, "d_model"),
-      num_heads=_require(config, "num_heads"),
-      head_dim=_require(config, "d_kv"),
-      mlp_dim=_require(config, "d_ff"),
-      num_encoder_layers=num_layers,
-      num_decoder_layers=num_decoder_layers,
-      mlp_activations=activations,
-      relative_attention_num_buckets=int(config.get("relative_attention_num_buckets", 32)),
-      relative_attention_max_distance=int(config.get("relative_attention_max_distance", 128)),
-      logits_via_embedding=logits_via_embedding,
+      config=transformer.TransformerConfig(
+          vocab_size=int(shared.shape[0]),
+          emb_dim=_require(config, "d_model"),
+          num_heads=_require(config, "num_heads"),
+          head_dim=_require(config, "d_kv"),
+          mlp_dim=_require(config, "d_ff"),
+          num_encoder_layers=num_layers,
+          num_decoder_layers=num_decoder_layers,
+          mlp_activations=activations,
+          dropout_rate=float(config.get("dropout_rate", 0.1)),
+          logits_via_embedding=logits_via_embedding,
+          relative_attention_num_buckets=int(
+              config.get("relative_attention_num_buckets", 32)),
+          relative_attention_max_distance=int(
+              config.get("relative_attention_max_distance", 128)),
+          num_encoder_sparse_layers=num_encoder_sparse,
+          encoder_sparse_layout=encoder_layout,
+          num_decoder_sparse_layers=num_decoder_sparse,
+          decoder_sparse_layout=decoder_layout),
       scale_logits=bool(scale),
-      dropout_rate=float(config.get("dropout_rate", 0.1)),
       num_experts=num_experts,
       expert_capacity=expert_capacity,
-      encoder_sparse_layers=enc_sparse,
-      decoder_sparse_layers=dec_sparse,
       router_jitter_noise=jitter,
   )
 
@@ -418,7 +431,7 @@ class _Tensors:
 
 
 def _attention(t: _Tensors, prefix: str, arch: HfArchitecture, target: str) -> Dict:
-  d, h, k = arch.emb_dim, arch.num_heads, arch.head_dim
+  d, h, k = arch.config.emb_dim, arch.config.num_heads, arch.config.head_dim
   out = {}
   for hf_name, name in (("q", "query"), ("k", "key"), ("v", "value")):
     w = t.take(f"{prefix}.{hf_name}.weight", (h * k, d), f"{target}/{name}/kernel")
@@ -429,17 +442,17 @@ def _attention(t: _Tensors, prefix: str, arch: HfArchitecture, target: str) -> D
 
 
 def _dense_mlp(t: _Tensors, prefix: str, arch: HfArchitecture, target: str) -> Dict:
-  d, f = arch.emb_dim, arch.mlp_dim
+  d, f = arch.config.emb_dim, arch.config.mlp_dim
   inner = "DenseReluDense" if arch.family == "t5" else "mlp"
-  names = ["wi"] if len(arch.mlp_activations) == 1 else [
-      f"wi_{i}" for i in range(len(arch.mlp_activations))]
+  activations = arch.config.mlp_activations
+  names = ["wi"] if len(activations) == 1 else [f"wi_{i}" for i in range(len(activations))]
   out = {n: t.take(f"{prefix}.{inner}.{n}.weight", (f, d), f"{target}/{n}").T for n in names}
   out["wo"] = t.take(f"{prefix}.{inner}.wo.weight", (d, f), f"{target}/wo").T
   return out
 
 
 def _sparse_mlp(t: _Tensors, prefix: str, arch: HfArchitecture, target: str) -> Dict:
-  d, f, e = arch.emb_dim, arch.mlp_dim, arch.num_experts
+  d, f, e = arch.config.emb_dim, arch.config.mlp_dim, arch.num_experts
   router = t.take(f"{prefix}.mlp.router.classifier.weight", (e, d), f"{target}/router/w")
   wi = [t.take(f"{prefix}.mlp.experts.expert_{i}.wi.weight", (f, d),
                f"{target}/expert/wi[{i}]").T for i in range(e)]
@@ -450,14 +463,15 @@ def _sparse_mlp(t: _Tensors, prefix: str, arch: HfArchitecture, target: str) -> 
 
 
 def _stack(t: _Tensors, arch: HfArchitecture, stack: str) -> Dict:
+  cfg = arch.config
   decoder = stack == "decoder"
-  num_layers = arch.num_decoder_layers if decoder else arch.num_encoder_layers
-  sparse = arch.decoder_sparse_layers if decoder else arch.encoder_sparse_layers
-  h, b = arch.num_heads, arch.relative_attention_num_buckets
+  num_layers = cfg.num_decoder_layers if decoder else cfg.num_encoder_layers
+  sparse = cfg.sparse_layers(stack)
+  h, b = cfg.num_heads, cfg.relative_attention_num_buckets
   rel = t.take(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                (b, h), f"{stack}/relpos_bias/rel_embedding")
   params = {"relpos_bias": {"rel_embedding": rel.T}}
-  d = (arch.emb_dim,)
+  d = (cfg.emb_dim,)
   for i in range(num_layers):
     p = f"{stack}.block.{i}.layer"
     ours = f"{stack}/layers_{i}"
@@ -503,7 +517,8 @@ def convert_weights(arch: HfArchitecture,
       or checkpoint tensors that nothing consumes.
   """
   t = _Tensors(weights)
-  shape = (arch.vocab_size, arch.emb_dim)
+  cfg = arch.config
+  shape = (cfg.vocab_size, cfg.emb_dim)
   embedding = t.take("shared.weight", shape, "token_embedder/embedding")
   for stack in ("encoder", "decoder"):
     name = f"{stack}.embed_tokens.weight"
@@ -522,8 +537,8 @@ def convert_weights(arch: HfArchitecture,
     head = t.take("lm_head.weight", shape, "decoder/logits_dense/kernel")
   else:
     head = embedding
-  if not arch.logits_via_embedding:
-    scale = arch.emb_dim**-0.5 if arch.scale_logits else 1.0
+  if not cfg.logits_via_embedding:
+    scale = cfg.emb_dim**-0.5 if arch.scale_logits else 1.0
     params["decoder"]["logits_dense"] = {"kernel": (head.T * scale).astype(np.float32)}
   leftovers = t.unused()
   if leftovers:
@@ -540,12 +555,26 @@ def convert_weights(arch: HfArchitecture,
 
 
 def _gin_value(value: Any) -> str:
+  if isinstance(value, enum.Enum):
+    return repr(value.value)
   if isinstance(value, str):
     return repr(value)
   if isinstance(value, (tuple, list)):
     inner = ", ".join(_gin_value(v) for v in value)
     return f"({inner},)" if len(value) == 1 else f"({inner})"
+  if isinstance(value, (type, np.dtype)):
+    return repr(np.dtype(value).name)
   return repr(value)
+
+
+def _config_block(config: transformer.TransformerConfig) -> List[str]:
+  """`TransformerConfig` bindings; the dropout rate stays a macro to override."""
+  lines = ["transformer.TransformerConfig:"]
+  for field in dataclasses.fields(config):
+    value = ("%DROPOUT_RATE" if field.name == "dropout_rate"
+             else _gin_value(getattr(config, field.name)))
+    lines.append(f"  {field.name} = {value}")
+  return lines
 
 
 def _moe_block(arch: HfArchitecture, scope: str) -> List[str]:
@@ -554,8 +583,8 @@ def _moe_block(arch: HfArchitecture, scope: str) -> List[str]:
       f"{scope}/moe.MoeLayer:",
       "  num_experts = %NUM_EXPERTS",
       f"  router = @{scope}/routing.TokensChooseRouter()",
-      f"  expert_mlp_dim = {arch.mlp_dim}",
-      f"  activations = {_gin_value(arch.mlp_activations)}",
+      f"  expert_mlp_dim = {arch.config.mlp_dim}",
+      f"  activations = {_gin_value(arch.config.mlp_activations)}",
       "  expert_dropout_rate = %EXPERT_DROPOUT_RATE",
       "  # transformers routes each sequence as one group with a fixed capacity.",
       "  group_by_sequence = True",
@@ -583,6 +612,8 @@ def model_gin(arch: HfArchitecture, *, source: str, eos_id: int,
   Returns:
     The text of model.gin.
   """
+  cfg = arch.config
+  sparse_stacks = [s for s in ("encoder", "decoder") if cfg.sparse_layers(s)]
   lines = [
       f"# {arch.model_type} checkpoint imported from {source}",
       "# by `python -m moe_jax.convert hf`. Builds MODEL (an",
@@ -597,12 +628,11 @@ def model_gin(arch: HfArchitecture, *, source: str, eos_id: int,
   ]
   if vocabulary_file:
     lines.append("import seqio")
-  sparse = arch.num_experts > 0
-  if sparse:
+  if arch.num_experts:
     lines += ["from moe_jax.layers import moe", "from moe_jax.layers import routing"]
   lines += ["from moe_jax.models import model", "from moe_jax.models import transformer", ""]
-  lines.append(f"DROPOUT_RATE = {arch.dropout_rate!r}")
-  if sparse:
+  lines.append(f"DROPOUT_RATE = {cfg.dropout_rate!r}")
+  if arch.num_experts:
     lines += [
         f"NUM_EXPERTS = {arch.num_experts}",
         f"EXPERT_CAPACITY = {arch.expert_capacity}",
@@ -629,97 +659,20 @@ def model_gin(arch: HfArchitecture, *, source: str, eos_id: int,
       f"  eos_id = {eos_id}",
       "",
       "ARCHITECTURE = @transformer.EncoderDecoder()",
-      "transformer.EncoderDecoder:",
-      f"  vocab_size = {arch.vocab_size}",
-      f"  emb_dim = {arch.emb_dim}",
-      f"  num_heads = {arch.num_heads}",
-      f"  head_dim = {arch.head_dim}",
-      f"  mlp_dim = {arch.mlp_dim}",
-      f"  num_encoder_layers = {arch.num_encoder_layers}",
-      f"  num_decoder_layers = {arch.num_decoder_layers}",
-      f"  mlp_activations = {_gin_value(arch.mlp_activations)}",
-      "  dropout_rate = %DROPOUT_RATE",
-      f"  logits_via_embedding = {arch.logits_via_embedding}",
-      f"  relative_attention_num_buckets = {arch.relative_attention_num_buckets}",
-      f"  relative_attention_max_distance = {arch.relative_attention_max_distance}",
+      "transformer.EncoderDecoder.config = @transformer.TransformerConfig()",
   ]
-  if sparse:
-    for stack, layers, num_layers in (
-        ("encoder", arch.encoder_sparse_layers, arch.num_encoder_layers),
-        ("decoder", arch.decoder_sparse_layers, arch.num_decoder_layers)):
-      count, layout = sparse_layout(layers, num_layers)
-      lines.append(f"  num_{stack}_sparse_layers = {count}  # layers {list(layers)}")
-      if count:
-        lines += [f"  {stack}_sparse_layout = {layout!r}",
-                  f"  {stack}_sparse_mlp = @{stack}/moe.MoeLayer"]
-    for stack, layers in (("encoder", arch.encoder_sparse_layers),
-                          ("decoder", arch.decoder_sparse_layers)):
-      if layers:
-        lines += [""] + _moe_block(arch, stack)
+  lines += [f"transformer.EncoderDecoder.{stack}_sparse_mlp = @{stack}/moe.MoeLayer"
+            for stack in sparse_stacks]
+  lines += [""] + _config_block(cfg)
+  for stack in sparse_stacks:
+    lines += [f"# {stack} MoE layers: {list(cfg.sparse_layers(stack))}"]
+    lines += _moe_block(arch, stack)
   return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
 # Checking against the model, writing outputs.
 # ---------------------------------------------------------------------------
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, path))
-    else:
-      flat[path] = value
-  return flat
-
-
-def check_params_match_model(params: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-  """Raises ValueError naming every parameter that is missing, extra or misshapen.
-
-  Args:
-    params: converted parameters.
-    expected: the model's parameter tree (arrays or shape structs).
-  """
-  got, want = _flatten(params), _flatten(expected)
-  problems = [f"missing {p} {tuple(want[p].shape)}" for p in sorted(set(want) - set(got))]
-  problems += [f"unexpected {p} {tuple(got[p].shape)}" for p in sorted(set(got) - set(want))]
-  problems += [
-      f"shape mismatch for {p}: converted {tuple(got[p].shape)}, model expects "
-      f"{tuple(want[p].shape)}"
-      for p in sorted(set(got) & set(want)) if tuple(got[p].shape) != tuple(want[p].shape)]
-  if problems:
-    raise ValueError("Converted parameters do not fit the model built from model.gin:\n  "
-                     + "\n  ".join(problems))
-
-
-def param_shapes(model: Any) -> Mapping[str, Any]:
-  """The `params` shapes of an `EncoderDecoderModel` (traced, no computation)."""
-  shapes = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
-  variables = jax.eval_shape(
-      lambda rng: model.get_initial_variables(rng, shapes), jax.random.PRNGKey(0))
-  return variables["params"]
-
-
-def _gin_model_param_shapes(gin_file: str) -> Mapping[str, Any]:
-  """`param_shapes` of the MODEL that `gin_file` builds.
-
-  Uses, then clears, gin's global configuration.
-  """
-  gin.clear_config()
-  gin.parse_config_file(gin_file)
-  try:
-    return param_shapes(gin.query_parameter("%MODEL").scoped_configurable_fn())
-  finally:
-    gin.clear_config()
-
-
-def save_params(params: Mapping[str, Any], directory: str) -> None:
-  """Writes `{'params': params}` as an orbax checkpoint (atomic: tmp dir + rename)."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(directory), {"params": params})
-    checkpointer.wait_until_finished()
 
 
 def _extra_ids(model_dir: str) -> int:
@@ -780,7 +733,8 @@ def convert(model_dir: str, out_dir: str) -> ConversionResult:
     check_file = os.path.join(tmp, GIN_FILE)
     with open(check_file, "w", encoding="utf-8") as f:
       f.write(model_gin(arch, **gin_kwargs))
-    check_params_match_model(params, _gin_model_param_shapes(check_file))
+    checkpoints.check_params_match_model(
+        params, checkpoints.param_shapes(config_lib.load_model([check_file])))
 
   os.makedirs(out_dir, exist_ok=True)
   vocabulary_file = None
@@ -791,9 +745,9 @@ def convert(model_dir: str, out_dir: str) -> ConversionResult:
   with open(gin_file, "w", encoding="utf-8") as f:
     f.write(model_gin(arch, vocabulary_file=vocabulary_file,
                       extra_ids=_extra_ids(model_dir), **gin_kwargs))
-  checkpoint_dir = os.path.join(out_dir, CHECKPOINT_SUBDIR)
-  save_params(params, checkpoint_dir)
+  checkpoint_dir = os.path.join(out_dir, checkpoints.CONVERTED_SUBDIR)
+  checkpoints.save_params(params, checkpoint_dir)
   return ConversionResult(
       architecture=arch, checkpoint_dir=checkpoint_dir, gin_file=gin_file,
       vocabulary_file=vocabulary_file,
-      num_parameters=sum(int(np.prod(v.shape)) for v in _flatten(params).values()))
+      num_parameters=sum(int(np.prod(v.shape)) for v in checkpoints.flatten(params).values()))

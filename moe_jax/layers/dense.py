@@ -175,12 +175,12 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table, also usable as the tied output projection.
+  """Token embedding table (the decoder reads it as the tied output projection).
 
   Attributes:
     num_embeddings: vocabulary size.
     features: embedding width `d_model`.
-    dtype: output dtype of lookups and `attend`.
+    dtype: output dtype of lookups.
     embedding_init: initializer of the table.
     one_hot: look up by one-hot matmul (TPU-friendly under sharding) rather
       than by gather.
@@ -206,8 +206,3 @@ class Embed(nn.Module):
       one_hot = jax.nn.one_hot(inputs, self.num_embeddings, dtype=self.dtype)
       return jnp.einsum("...v,vd->...d", one_hot, table)
     return jnp.take(table, inputs, axis=0)
-
-  def attend(self, query: types.Array) -> types.Array:
-    """Tied output logits: `[..., embed] @ table^T -> [..., vocab]`."""
-    return jnp.einsum("...d,vd->...v", query.astype(self.dtype),
-                      self.embedding.astype(self.dtype))

@@ -15,7 +15,7 @@ averaging across steps.
 """
 
 import functools
-from typing import Any, Callable, Mapping, MutableMapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, MutableMapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +118,34 @@ def loss_normalizing_weights(
       f"number, or one of {LOSS_NORMALIZING_FACTORS}.")
 
 
+def per_layer_expert_metrics(intermediates: Mapping[str, Any],
+                             config: Any = None) -> Dict[str, jax.Array]:
+  """Each MoE layer's sown metrics, named `experts/<stack>/layers_<i>/<metric>`.
+
+  Metrics are the layer's own (losses unscaled): `auxiliary_loss`,
+  `router_z_loss`, `fraction_tokens_left_behind` (dropped tokens),
+  `expert_usage`, `router_confidence` and `expert_fraction` (`[experts]`
+  shares of the routed assignments). Under `nn.scan` a stack's MoE layers
+  are stacked along a leading axis in layer order; `config` (a
+  `TransformerConfig`) names them by their layer index.
+  """
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    keys = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+    metric = next((k for k in reversed(keys) if k in moe.MOE_METRICS), None)
+    if metric is None or "mlp" not in keys:
+      continue
+    layer = keys[:keys.index("mlp")]
+    if "layers" not in layer:  # Unscanned: the path names the layer.
+      out[f"experts/{'/'.join(layer)}/{metric}"] = value
+      continue
+    stack = layer[0]
+    sparse = config.sparse_layers(stack) if config is not None else range(value.shape[0])
+    for k, index in enumerate(sparse):
+      out[f"experts/{stack}/layers_{index}/{metric}"] = value[k]
+  return out
+
+
 class EncoderDecoderModel:
   """Trains, evaluates, decodes and scores an `EncoderDecoder` module.
 
@@ -127,7 +155,6 @@ class EncoderDecoderModel:
     input_vocabulary / output_vocabulary: optional seqio vocabularies (kept
       for t5x-style run configs; the EOS id comes from `output_vocabulary`
       unless `eos_id` is given).
-    optimizer_def: optional optimizer, stored for trainers that read it.
     decode_fn: `decoding.beam_search` (default), `decoding.temperature_sample`
       or `decoding.greedy`, or any t5x-compatible decode function.
     label_smoothing: target label smoothing.
@@ -146,7 +173,6 @@ class EncoderDecoderModel:
       module: transformer.EncoderDecoder,
       input_vocabulary: Any = None,
       output_vocabulary: Any = None,
-      optimizer_def: Any = None,
       decode_fn: Callable[..., Tuple[jax.Array, jax.Array]] = decoding.beam_search,
       label_smoothing: float = 0.0,
       z_loss: float = 1e-4,
@@ -163,7 +189,6 @@ class EncoderDecoderModel:
     self.module = module
     self.input_vocabulary = input_vocabulary
     self.output_vocabulary = output_vocabulary
-    self.optimizer_def = optimizer_def
     self.decode_fn = decode_fn
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
@@ -269,7 +294,9 @@ class EncoderDecoderModel:
       `accuracy`, `weight_sum`, and for MoE models `experts/auxiliary_loss`,
       `experts/router_z_loss` (both already multiplied by their factor),
       `experts/fraction_tokens_left_behind`, `experts/expert_usage`,
-      `experts/router_confidence`, `experts/max_expert_fraction`.
+      `experts/router_confidence`, `experts/max_expert_fraction`, and per
+      MoE layer `experts/<stack>/layers_<i>/<metric>` (see
+      `per_layer_expert_metrics`).
     """
     logits, state = self.compute_logits(params, batch, dropout_rng,
                                         mutable=("intermediates",))
@@ -303,6 +330,8 @@ class EncoderDecoderModel:
         metrics[f"experts/{name}"] = expert_metrics[name]
       if "expert_fraction" in expert_metrics:
         metrics["experts/max_expert_fraction"] = jnp.max(expert_metrics["expert_fraction"])
+      metrics.update(per_layer_expert_metrics(state["intermediates"],
+                                              getattr(self.module, "config", None)))
     metrics["loss"] = loss
     return loss, metrics
 

@@ -26,10 +26,16 @@ for `router = @routing.TokensChooseRouter()`, see
 gin/models/architectures/moe.gin) or share one instance; every sparse layer
 gets its own router weights either way.
 
+Every hyperparameter lives in one frozen `TransformerConfig` (the pattern of
+t5x's `T5Config`), passed down from `EncoderDecoder` to the stacks and layers;
+modules only add what is not a hyperparameter (the shared embedding, the MoE
+layer factories).
+
 Modules here carry no gin dependency: gin files refer to them directly
 (`from __gin__ import dynamic_registration`).
 """
 
+import dataclasses
 import enum
 import functools
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -135,6 +141,103 @@ def _as_layout(layout: Union[LayerLayout, str]) -> LayerLayout:
 
 
 # ---------------------------------------------------------------------------
+# Configuration.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of a T5-style encoder-decoder, dense or sparse.
+
+  One frozen object passed down to every module (t5x's `T5Config` pattern);
+  gin builds it (`transformer.TransformerConfig.emb_dim = %EMBED_DIM`) and the
+  Hugging Face converter emits it. Which modules the sparse layers are is not
+  a hyperparameter: `EncoderDecoder` takes the MoE layer factories.
+
+  Attributes:
+    vocab_size: vocabulary size (T5: 32128).
+    emb_dim: model width `d_model`.
+    num_heads: attention heads.
+    head_dim: per-head width (`num_heads * head_dim` need not equal emb_dim).
+    mlp_dim: dense FFN hidden width `d_ff`.
+    num_encoder_layers: encoder depth.
+    num_decoder_layers: decoder depth.
+    mlp_activations: dense FFN activations; ('gelu', 'linear') is T5.1.1's
+      gated GELU, ('relu',) the T5 / Switch FFN.
+    dropout_rate: T5 dropout (embeddings, sublayers, final norms, attention
+      weights and the dense FFN's hidden activations).
+    logits_via_embedding: tie the output projection to the token embedding
+      (logits scaled by `1/sqrt(emb_dim)`, as T5); else an untied
+      `logits_dense` kernel.
+    dtype: activation dtype (e.g. 'bfloat16'); parameters stay float32.
+    float32_attention_logits: attention softmax in float32 under bf16.
+    one_hot_embedding: embed by one-hot matmul (TPU / sharding friendly).
+    relative_attention_num_buckets: relative position buckets (32).
+    relative_attention_max_distance: relative position max distance (128).
+    num_encoder_sparse_layers: sparse encoder layers (0 = dense encoder).
+    encoder_sparse_layout: their placement (`LayerLayout` or its name).
+    num_decoder_sparse_layers: sparse decoder layers.
+    decoder_sparse_layout: their placement.
+    extra_mlp: ST-MoE's dense FFN after every sparse FFN, in both stacks.
+    scan_layers: `nn.scan` over layers (params gain a leading `layers` axis;
+      MIXED layouts scan blocks of `num_layers / num_sparse_layers`).
+    remat_policy: 'none', 'full', 'minimal' or 'save_dots'.
+  """
+
+  vocab_size: int
+  emb_dim: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  mlp_activations: Sequence[str] = ("gelu", "linear")
+  dropout_rate: float = 0.0
+  logits_via_embedding: bool = False
+  dtype: types.DType = jnp.float32
+  float32_attention_logits: bool = False
+  one_hot_embedding: bool = False
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  num_encoder_sparse_layers: int = 0
+  encoder_sparse_layout: Union[LayerLayout, str] = LayerLayout.MIXED
+  num_decoder_sparse_layers: int = 0
+  decoder_sparse_layout: Union[LayerLayout, str] = LayerLayout.MIXED
+  extra_mlp: bool = False
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    # Tuples keep the config hashable when gin or a caller passes lists.
+    object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                 "num_encoder_layers", "num_decoder_layers",
+                 "relative_attention_num_buckets", "relative_attention_max_distance"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"TransformerConfig.{name} must be a positive integer, got "
+                         f"{value!r}.")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"TransformerConfig.dropout_rate must lie in [0, 1), got "
+                       f"{self.dropout_rate}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}: use one of "
+                       f"{sorted(REMAT_POLICIES)}.")
+    for stack in ("encoder", "decoder"):
+      layout = _as_layout(getattr(self, f"{stack}_sparse_layout"))
+      object.__setattr__(self, f"{stack}_sparse_layout", layout)
+      # Validates the count against the depth and the layout.
+      sparse_layer_indices(getattr(self, f"num_{stack}_layers"),
+                           getattr(self, f"num_{stack}_sparse_layers"), layout)
+
+  def sparse_layers(self, stack: str) -> Tuple[int, ...]:
+    """Indices of the sparse layers of 'encoder' or 'decoder'."""
+    return sparse_layer_indices(getattr(self, f"num_{stack}_layers"),
+                                getattr(self, f"num_{stack}_sparse_layers"),
+                                getattr(self, f"{stack}_sparse_layout"))
+
+
+# ---------------------------------------------------------------------------
 # Layers.
 # ---------------------------------------------------------------------------
 
@@ -149,31 +252,32 @@ def _add_residual(x, y, dropout_rate: float, enable_dropout: bool):
   return x + y.astype(x.dtype)
 
 
+def _attention(config: TransformerConfig, name: str) -> nn.Module:
+  return attention.MultiHeadDotProductAttention(
+      num_heads=config.num_heads, head_dim=config.head_dim, dtype=config.dtype,
+      dropout_rate=config.dropout_rate,
+      float32_logits=config.float32_attention_logits, name=name)
+
+
+def dense_mlp(config: TransformerConfig, **kwargs) -> nn.Module:
+  """The dense FFN of `config` (T5 `MlpBlock`)."""
+  return dense.MlpBlock(
+      intermediate_dim=config.mlp_dim, activations=config.mlp_activations,
+      intermediate_dropout_rate=config.dropout_rate, dtype=config.dtype, **kwargs)
+
+
 class EncoderLayer(nn.Module):
   """One encoder layer: self-attention, then a dense or sparse FFN.
 
   Attributes:
-    num_heads: attention heads.
-    head_dim: per-head width.
-    mlp: factory of the FFN (`name=` is passed); a dense `MlpBlock` or an MoE
-      layer.
-    sparse: whether `mlp` is an MoE layer (it then receives `padding_mask`).
-    extra_mlp: optional factory of ST-MoE's dense FFN, applied after the
-      sparse FFN with its own norm and residual.
-    dropout_rate: dropout after each sublayer and on attention weights.
-    dtype: activation dtype.
-    float32_attention_logits: attention softmax in float32.
+    config: the model's hyperparameters.
+    sparse_mlp: factory of this layer's MoE layer (`name=` is passed), or
+      None for a dense FFN.
     scanned: return `(output, None)`, the carry protocol of `nn.scan`.
   """
 
-  num_heads: int
-  head_dim: int
-  mlp: MlpFactory
-  sparse: bool = False
-  extra_mlp: Optional[MlpFactory] = None
-  dropout_rate: float = 0.0
-  dtype: types.DType = jnp.float32
-  float32_attention_logits: bool = False
+  config: TransformerConfig
+  sparse_mlp: Optional[MlpFactory] = None
   scanned: bool = False
 
   @nn.compact
@@ -191,14 +295,12 @@ class EncoderLayer(nn.Module):
     Returns:
       `[batch, length, embed]` (with `None` as a second output if `scanned`).
     """
-    residual = functools.partial(_add_residual, dropout_rate=self.dropout_rate)
+    cfg = self.config
+    residual = functools.partial(_add_residual, dropout_rate=cfg.dropout_rate)
     x = partitioning.with_sharding_constraint(x, ("batch", "length", "embed"))
-    h = dense.RMSNorm(dtype=self.dtype, name="pre_attention_layer_norm")(x)
-    h = attention.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
-        dropout_rate=self.dropout_rate,
-        float32_logits=self.float32_attention_logits, name="attention")(
-            h, h, attention_mask, attention_bias, enable_dropout=enable_dropout)
+    h = dense.RMSNorm(dtype=cfg.dtype, name="pre_attention_layer_norm")(x)
+    h = _attention(cfg, "attention")(h, h, attention_mask, attention_bias,
+                                     enable_dropout=enable_dropout)
     x = residual(x, h, enable_dropout=enable_dropout)
     x = _apply_ffns(self, x, padding_mask, enable_dropout, residual)
     return (x, None) if self.scanned else x
@@ -208,25 +310,13 @@ class DecoderLayer(nn.Module):
   """One decoder layer: causal self-attention, cross-attention, FFN.
 
   Attributes:
-    num_heads: attention heads.
-    head_dim: per-head width.
-    mlp: factory of the FFN (dense or MoE, see `EncoderLayer`).
-    sparse: whether `mlp` is an MoE layer.
-    extra_mlp: optional factory of ST-MoE's dense FFN after the sparse FFN.
-    dropout_rate: dropout after each sublayer and on attention weights.
-    dtype: activation dtype.
-    float32_attention_logits: attention softmax in float32.
+    config: the model's hyperparameters.
+    sparse_mlp: factory of this layer's MoE layer, or None (dense FFN).
     scanned: return `(output, None)`, the carry protocol of `nn.scan`.
   """
 
-  num_heads: int
-  head_dim: int
-  mlp: MlpFactory
-  sparse: bool = False
-  extra_mlp: Optional[MlpFactory] = None
-  dropout_rate: float = 0.0
-  dtype: types.DType = jnp.float32
-  float32_attention_logits: bool = False
+  config: TransformerConfig
+  sparse_mlp: Optional[MlpFactory] = None
   scanned: bool = False
 
   @nn.compact
@@ -249,19 +339,16 @@ class DecoderLayer(nn.Module):
     Returns:
       `[batch, length, embed]` (with `None` as a second output if `scanned`).
     """
-    residual = functools.partial(_add_residual, dropout_rate=self.dropout_rate)
-    attend = functools.partial(
-        attention.MultiHeadDotProductAttention, num_heads=self.num_heads,
-        head_dim=self.head_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
-        float32_logits=self.float32_attention_logits)
+    cfg = self.config
+    residual = functools.partial(_add_residual, dropout_rate=cfg.dropout_rate)
     y = partitioning.with_sharding_constraint(y, ("batch", "length", "embed"))
-    h = dense.RMSNorm(dtype=self.dtype, name="pre_self_attention_layer_norm")(y)
-    h = attend(name="self_attention")(
+    h = dense.RMSNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(y)
+    h = _attention(cfg, "self_attention")(
         h, h, self_attention_mask, self_attention_bias,
         enable_dropout=enable_dropout, decode=decode)
     y = residual(y, h, enable_dropout=enable_dropout)
-    h = dense.RMSNorm(dtype=self.dtype, name="pre_cross_attention_layer_norm")(y)
-    h = attend(name="encoder_decoder_attention")(
+    h = dense.RMSNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(y)
+    h = _attention(cfg, "encoder_decoder_attention")(
         h, encoded, cross_attention_mask, enable_dropout=enable_dropout)
     y = residual(y, h, enable_dropout=enable_dropout)
     y = _apply_ffns(self, y, padding_mask, enable_dropout, residual)
@@ -270,15 +357,17 @@ class DecoderLayer(nn.Module):
 
 def _apply_ffns(layer, x, padding_mask, enable_dropout, residual):
   """The FFN sublayer (dense or sparse) and, if configured, ST-MoE's extra FFN."""
-  h = dense.RMSNorm(dtype=layer.dtype, name="pre_mlp_layer_norm")(x)
-  if layer.sparse:
-    h = layer.mlp(name="mlp")(h, enable_dropout=enable_dropout, padding_mask=padding_mask)
+  cfg = layer.config
+  h = dense.RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
+  if layer.sparse_mlp is not None:
+    h = layer.sparse_mlp(name="mlp")(h, enable_dropout=enable_dropout,
+                                     padding_mask=padding_mask)
   else:
-    h = layer.mlp(name="mlp")(h, enable_dropout=enable_dropout)
+    h = dense_mlp(cfg, name="mlp")(h, enable_dropout=enable_dropout)
   x = residual(x, h, enable_dropout=enable_dropout)
-  if layer.extra_mlp is not None:
-    h = dense.RMSNorm(dtype=layer.dtype, name="pre_extra_mlp_layer_norm")(x)
-    h = layer.extra_mlp(name="extra_mlp")(h, enable_dropout=enable_dropout)
+  if layer.sparse_mlp is not None and cfg.extra_mlp:
+    h = dense.RMSNorm(dtype=cfg.dtype, name="pre_extra_mlp_layer_norm")(x)
+    h = dense_mlp(cfg, name="extra_mlp")(h, enable_dropout=enable_dropout)
     x = residual(x, h, enable_dropout=enable_dropout)
   return x
 
@@ -301,178 +390,122 @@ class _LayerBlock(nn.Module):
     return x, None
 
 
-class _Stack(nn.Module):
-  """Shared machinery of `Encoder` and `Decoder`: which layer is sparse,
-  plain loop vs `nn.scan`, remat."""
+def _run_layers(stack: str, config: TransformerConfig, sparse_mlp: Optional[MlpFactory],
+                layer_cls, x, *args):
+  """Applies a stack's layers (called from the stack's compact method).
 
-  def _layer_kwargs(self, index: int, sparse_indices) -> dict:
-    sparse = index in sparse_indices
-    dense_mlp = functools.partial(
-        dense.MlpBlock, intermediate_dim=self.mlp_dim, activations=self.mlp_activations,
-        intermediate_dropout_rate=self.dropout_rate, dtype=self.dtype)
-    return dict(
-        num_heads=self.num_heads, head_dim=self.head_dim,
-        mlp=self.sparse_mlp if sparse else dense_mlp, sparse=sparse,
-        extra_mlp=dense_mlp if sparse and self.extra_mlp else None,
-        dropout_rate=self.dropout_rate, dtype=self.dtype,
-        float32_attention_logits=self.float32_attention_logits)
+  Args:
+    stack: 'encoder' or 'decoder'.
+    config: the model's hyperparameters.
+    sparse_mlp: the stack's MoE layer factory (None for a dense stack).
+    layer_cls: `EncoderLayer` or `DecoderLayer`.
+    x: `[batch, length, embed]`.
+    *args: the layer's other arguments, broadcast to every layer; the trailing
+      Python bools (enable_dropout, decode) are static under remat.
 
-  def _sparse_indices(self) -> Tuple[int, ...]:
-    indices = sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout)
-    if indices and self.sparse_mlp is None:
+  Returns:
+    `[batch, length, embed]`.
+  """
+  sparse_indices = config.sparse_layers(stack)
+  num_layers = getattr(config, f"num_{stack}_layers")
+  if sparse_indices and sparse_mlp is None:
+    raise ValueError(
+        f"The {stack} has num_{stack}_sparse_layers={len(sparse_indices)} but no "
+        f"sparse_mlp factory: bind EncoderDecoder.{stack}_sparse_mlp (e.g. "
+        f"@{stack}/moe.MoeLayer) or set num_{stack}_sparse_layers=0.")
+  if config.scan_layers and sparse_indices and len(sparse_indices) != num_layers:
+    period = num_layers // len(sparse_indices)
+    if sparse_indices != tuple(range(period - 1, num_layers, period)):
       raise ValueError(
-          f"{type(self).__name__} has num_sparse_layers={self.num_sparse_layers} "
-          "but no sparse_mlp factory: bind one (e.g. @moe.MoeLayer) or set "
-          "num_sparse_layers=0.")
-    if self.scan_layers and indices and len(indices) != self.num_layers:
-      period = self.num_layers // len(indices)
-      periodic = indices == tuple(range(period - 1, self.num_layers, period))
-      if not periodic:
-        raise ValueError(
-            f"scan_layers=True needs a periodic sparse layout (MIXED, or all / no "
-            f"layers sparse); got sparse layers {list(indices)} from "
-            f"{_as_layout(self.sparse_layout).name}. Use MIXED or scan_layers=False.")
-    return indices
+          f"scan_layers=True needs a periodic sparse layout (MIXED, or all / no "
+          f"layers sparse); got {stack} sparse layers {list(sparse_indices)} from "
+          f"{getattr(config, f'{stack}_sparse_layout').name}. Use MIXED or "
+          "scan_layers=False.")
 
-  def _run_layers(self, layer_cls, x, *args):
-    """Applies all layers: `args` are broadcast to every layer."""
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}: use one of "
-                       f"{sorted(REMAT_POLICIES)}.")
-    sparse_indices = self._sparse_indices()
-    # Trailing Python-bool args (enable_dropout, decode) are static under remat;
-    # argument 0 is the module itself.
-    num_static = 1 if layer_cls is EncoderLayer else 2
-    first_static = 1 + 1 + len(args) - num_static
-    static_argnums = tuple(range(first_static, first_static + num_static))
+  def layer_kwargs(index: int) -> dict:
+    return dict(config=config, sparse_mlp=sparse_mlp if index in sparse_indices else None)
 
-    def maybe_remat(cls):
-      if self.remat_policy == "none":
-        return cls
-      return nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy],
-                      static_argnums=static_argnums, prevent_cse=not self.scan_layers)
+  # Argument 0 is the module itself, 1 is `x`.
+  num_static = 1 if layer_cls is EncoderLayer else 2
+  first_static = 2 + len(args) - num_static
+  static_argnums = tuple(range(first_static, first_static + num_static))
 
-    if not self.scan_layers:
-      layer = maybe_remat(layer_cls)
-      for i in range(self.num_layers):
-        x = layer(**self._layer_kwargs(i, sparse_indices), name=f"layers_{i}")(x, *args)
-      return x
+  def maybe_remat(cls):
+    if config.remat_policy == "none":
+      return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[config.remat_policy],
+                    static_argnums=static_argnums, prevent_cse=not config.scan_layers)
 
-    period = (self.num_layers // len(sparse_indices)
-              if 0 < len(sparse_indices) < self.num_layers else 1)
-    if period == 1:
-      unit = maybe_remat(layer_cls)
-      unit_kwargs = dict(self._layer_kwargs(0, sparse_indices), scanned=True)
-    else:
-      # Under scan static argnums shift by the block wrapper; remat each layer.
-      unit = _LayerBlock
-      unit_kwargs = dict(layers=[
-          functools.partial(maybe_remat(layer_cls), **self._layer_kwargs(j, sparse_indices))
-          for j in range(period)])
-    scanned = nn_partitioning.scan_with_axes(
-        unit,
-        variable_axes={c: 0 for c in _SCANNED_COLLECTIONS},
-        split_rngs={r: True for r in _SCANNED_RNGS},
-        in_axes=(nn.broadcast,) * len(args),
-        length=self.num_layers // period,
-        axis_name="layers")
-    x, _ = scanned(**unit_kwargs, name="layers")(x, *args)
+  if not config.scan_layers:
+    layer = maybe_remat(layer_cls)
+    for i in range(num_layers):
+      x = layer(**layer_kwargs(i), name=f"layers_{i}")(x, *args)
     return x
 
+  period = (num_layers // len(sparse_indices)
+            if 0 < len(sparse_indices) < num_layers else 1)
+  if period == 1:
+    unit = maybe_remat(layer_cls)
+    unit_kwargs = dict(layer_kwargs(0), scanned=True)
+  else:
+    # Under scan static argnums shift by the block wrapper; remat each layer.
+    unit = _LayerBlock
+    unit_kwargs = dict(layers=[
+        functools.partial(maybe_remat(layer_cls), **layer_kwargs(j)) for j in range(period)])
+  scanned = nn_partitioning.scan_with_axes(
+      unit,
+      variable_axes={c: 0 for c in _SCANNED_COLLECTIONS},
+      split_rngs={r: True for r in _SCANNED_RNGS},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers // period,
+      axis_name="layers")
+  x, _ = scanned(**unit_kwargs, name="layers")(x, *args)
+  return x
 
-class Encoder(_Stack):
+
+class Encoder(nn.Module):
   """The encoder stack: embeddings in, normalized hidden states out.
 
   Attributes:
+    config: the model's hyperparameters.
     shared_embedding: the token `dense.Embed`, owned by `EncoderDecoder`.
-    num_layers: encoder layers.
-    num_heads: attention heads.
-    head_dim: per-head width.
-    mlp_dim: hidden width of the dense FFNs.
-    mlp_activations: activations of the dense FFNs (('gelu', 'linear') =
-      gated GELU of T5.1.1, ('relu',) = T5 / Switch).
-    dropout_rate: T5 dropout (embeddings, sublayers, final norm).
-    dtype: activation dtype.
-    float32_attention_logits: attention softmax in float32.
-    relative_attention_num_buckets: relative position buckets.
-    relative_attention_max_distance: relative position max distance.
-    num_sparse_layers: how many layers use `sparse_mlp`.
-    sparse_layout: where they go (`LayerLayout` or name).
-    sparse_mlp: MoE layer factory.
-    extra_mlp: add ST-MoE's dense FFN after every sparse FFN.
-    scan_layers: run the layers with `nn.scan` (params gain a leading
-      `layers` axis; MIXED layouts scan blocks of `num_layers/num_sparse`).
-    remat_policy: 'none', 'full', 'minimal' or 'save_dots'.
+    sparse_mlp: factory of the encoder's MoE layers (None: dense encoder).
   """
 
+  config: TransformerConfig
   shared_embedding: nn.Module
-  num_layers: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  mlp_activations: Sequence[str] = ("gelu", "linear")
-  dropout_rate: float = 0.0
-  dtype: types.DType = jnp.float32
-  float32_attention_logits: bool = False
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  num_sparse_layers: int = 0
-  sparse_layout: Union[LayerLayout, str] = LayerLayout.MIXED
   sparse_mlp: Optional[MlpFactory] = None
-  extra_mlp: bool = False
-  scan_layers: bool = False
-  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, encoder_input_tokens, attention_mask, *, enable_dropout: bool = False):
     """Encodes `<int>[batch, length]` tokens to `[batch, length, embed]`."""
+    cfg = self.config
     length = encoder_input_tokens.shape[-1]
-    relpos = attention.RelativePositionBiases(
-        num_heads=self.num_heads, num_buckets=self.relative_attention_num_buckets,
-        max_distance=self.relative_attention_max_distance, dtype=self.dtype,
-        name="relpos_bias")
+    relpos = _relative_position_biases(cfg)
     bias = relpos(length, length, bidirectional=True)
     padding_mask = encoder_input_tokens > 0
-    dropout = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))
+    dropout = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
     # [batch, length] -> [batch, length, embed]
-    x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32)).astype(self.dtype)
+    x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
     x = dropout(x, deterministic=not enable_dropout)
-    x = self._run_layers(EncoderLayer, x, bias, attention_mask, padding_mask,
-                         enable_dropout)
-    x = dense.RMSNorm(dtype=self.dtype, name="encoder_norm")(x)
+    x = _run_layers("encoder", cfg, self.sparse_mlp, EncoderLayer, x, bias,
+                    attention_mask, padding_mask, enable_dropout)
+    x = dense.RMSNorm(dtype=cfg.dtype, name="encoder_norm")(x)
     return dropout(x, deterministic=not enable_dropout)
 
 
-class Decoder(_Stack):
+class Decoder(nn.Module):
   """The decoder stack: embeddings and encoder outputs in, logits out.
 
   Attributes:
+    config: the model's hyperparameters.
     shared_embedding: the token `dense.Embed`, owned by `EncoderDecoder`.
-    vocab_size: output vocabulary size.
-    logits_via_embedding: tie the output projection to `shared_embedding`
-      (logits scaled by `1/sqrt(emb_dim)`, as T5); else `logits_dense`.
-    (other attributes as in `Encoder`)
+    sparse_mlp: factory of the decoder's MoE layers (None: dense decoder).
   """
 
+  config: TransformerConfig
   shared_embedding: nn.Module
-  vocab_size: int
-  num_layers: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  mlp_activations: Sequence[str] = ("gelu", "linear")
-  dropout_rate: float = 0.0
-  dtype: types.DType = jnp.float32
-  float32_attention_logits: bool = False
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  num_sparse_layers: int = 0
-  sparse_layout: Union[LayerLayout, str] = LayerLayout.MIXED
   sparse_mlp: Optional[MlpFactory] = None
-  extra_mlp: bool = False
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  logits_via_embedding: bool = False
 
   @nn.compact
   def __call__(self, encoded, decoder_input_tokens, self_attention_mask,
@@ -483,32 +516,38 @@ class Decoder(_Stack):
     With `decode=True` the self-attention bias covers `max_decode_length`
     positions (each cached step reads its row); without it, the input length.
     """
+    cfg = self.config
     length = (max_decode_length if decode and max_decode_length
               else decoder_input_tokens.shape[-1])
-    relpos = attention.RelativePositionBiases(
-        num_heads=self.num_heads, num_buckets=self.relative_attention_num_buckets,
-        max_distance=self.relative_attention_max_distance, dtype=self.dtype,
-        name="relpos_bias")
+    relpos = _relative_position_biases(cfg)
     bias = relpos(length, length, bidirectional=False)
-    dropout = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(-2,))
+    dropout = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))
     # [batch, length] -> [batch, length, embed]
-    y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32)).astype(self.dtype)
+    y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32)).astype(cfg.dtype)
     y = dropout(y, deterministic=not enable_dropout)
-    y = self._run_layers(DecoderLayer, y, encoded, bias, self_attention_mask,
-                         cross_attention_mask, padding_mask, enable_dropout, decode)
-    y = dense.RMSNorm(dtype=self.dtype, name="decoder_norm")(y)
+    y = _run_layers("decoder", cfg, self.sparse_mlp, DecoderLayer, y, encoded, bias,
+                    self_attention_mask, cross_attention_mask, padding_mask,
+                    enable_dropout, decode)
+    y = dense.RMSNorm(dtype=cfg.dtype, name="decoder_norm")(y)
     y = dropout(y, deterministic=not enable_dropout)
     # Logits in float32 for a stable softmax.
     y = y.astype(jnp.float32)
-    if self.logits_via_embedding:
+    if cfg.logits_via_embedding:
       # [batch, length, embed] x [vocab, embed] -> [batch, length, vocab]
       logits = jnp.einsum("bld,vd->blv", y, self.shared_embedding.embedding)
       logits = logits / np.sqrt(y.shape[-1])
     else:
-      kernel = _LogitsDense(self.vocab_size, name="logits_dense")(y.shape[-1])
+      kernel = _LogitsDense(cfg.vocab_size, name="logits_dense")(y.shape[-1])
       # [batch, length, embed] x [embed, vocab] -> [batch, length, vocab]
       logits = jnp.einsum("bld,dv->blv", y, kernel)
     return partitioning.with_sharding_constraint(logits, ("batch", "length", "vocab"))
+
+
+def _relative_position_biases(config: TransformerConfig) -> nn.Module:
+  return attention.RelativePositionBiases(
+      num_heads=config.num_heads, num_buckets=config.relative_attention_num_buckets,
+      max_distance=config.relative_attention_max_distance, dtype=config.dtype,
+      name="relpos_bias")
 
 
 class _LogitsDense(nn.Module):
@@ -531,80 +570,36 @@ class EncoderDecoder(nn.Module):
   collection and parameters emit `params_axes` (see `moe_jax.partitioning`).
 
   Attributes:
-    vocab_size: vocabulary size (T5: 32128).
-    emb_dim: model width `d_model`.
-    num_heads: attention heads.
-    head_dim: per-head width (`num_heads * head_dim` need not equal emb_dim).
-    mlp_dim: dense FFN hidden width `d_ff`.
-    num_encoder_layers: encoder depth.
-    num_decoder_layers: decoder depth.
-    mlp_activations: dense FFN activations; ('gelu', 'linear') is T5.1.1's
-      gated GELU, ('relu',) the T5 / Switch FFN.
-    dropout_rate: T5 dropout rate.
-    logits_via_embedding: tie input and output embeddings.
-    dtype: activation dtype (e.g. bfloat16); parameters stay float32.
-    float32_attention_logits: attention softmax in float32 under bf16.
-    one_hot_embedding: embed by one-hot matmul (TPU / sharding friendly).
-    relative_attention_num_buckets: relative position buckets (32).
-    relative_attention_max_distance: relative position max distance (128).
-    num_encoder_sparse_layers: sparse encoder layers (0 = dense encoder).
-    encoder_sparse_layout: their placement (`LayerLayout` or name).
-    encoder_sparse_mlp: factory of encoder MoE layers.
-    num_decoder_sparse_layers / decoder_sparse_layout / decoder_sparse_mlp:
-      the same for the decoder.
-    extra_mlp: ST-MoE's dense FFN after every sparse FFN, in both stacks.
-    scan_layers: `nn.scan` over layers (t5x reads this attribute to find the
-      layer axis of the cache).
-    remat_policy: 'none', 'full', 'minimal' or 'save_dots'.
+    config: every hyperparameter (`TransformerConfig`).
+    encoder_sparse_mlp: factory of the encoder's MoE layers (any callable
+      taking `name=`, e.g. `@encoder/moe.MoeLayer` in gin); needed when
+      `config.num_encoder_sparse_layers > 0`.
+    decoder_sparse_mlp: the same for the decoder.
   """
 
-  vocab_size: int
-  emb_dim: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  num_encoder_layers: int
-  num_decoder_layers: int
-  mlp_activations: Sequence[str] = ("gelu", "linear")
-  dropout_rate: float = 0.0
-  logits_via_embedding: bool = False
-  dtype: types.DType = jnp.float32
-  float32_attention_logits: bool = False
-  one_hot_embedding: bool = False
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  num_encoder_sparse_layers: int = 0
-  encoder_sparse_layout: Union[LayerLayout, str] = LayerLayout.MIXED
+  config: TransformerConfig
   encoder_sparse_mlp: Optional[MlpFactory] = None
-  num_decoder_sparse_layers: int = 0
-  decoder_sparse_layout: Union[LayerLayout, str] = LayerLayout.MIXED
   decoder_sparse_mlp: Optional[MlpFactory] = None
-  extra_mlp: bool = False
-  scan_layers: bool = False
-  remat_policy: str = "none"
+
+  @property
+  def scan_layers(self) -> bool:
+    """t5x reads this to find the layer axis of the decode cache."""
+    return self.config.scan_layers
 
   def setup(self):
+    if not isinstance(self.config, TransformerConfig):
+      raise ValueError(
+          f"EncoderDecoder.config must be a transformer.TransformerConfig, got "
+          f"{type(self.config).__name__}; in gin bind "
+          "`transformer.EncoderDecoder.config = @transformer.TransformerConfig()`.")
+    cfg = self.config
     self.token_embedder = dense.Embed(
-        num_embeddings=self.vocab_size, features=self.emb_dim, dtype=self.dtype,
-        one_hot=self.one_hot_embedding)
-    common = dict(
-        shared_embedding=self.token_embedder, num_heads=self.num_heads,
-        head_dim=self.head_dim, mlp_dim=self.mlp_dim, mlp_activations=self.mlp_activations,
-        dropout_rate=self.dropout_rate, dtype=self.dtype,
-        float32_attention_logits=self.float32_attention_logits,
-        relative_attention_num_buckets=self.relative_attention_num_buckets,
-        relative_attention_max_distance=self.relative_attention_max_distance,
-        extra_mlp=self.extra_mlp, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy)
-    self.encoder = Encoder(
-        num_layers=self.num_encoder_layers, num_sparse_layers=self.num_encoder_sparse_layers,
-        sparse_layout=self.encoder_sparse_layout, sparse_mlp=self.encoder_sparse_mlp,
-        **common)
-    self.decoder = Decoder(
-        vocab_size=self.vocab_size, num_layers=self.num_decoder_layers,
-        num_sparse_layers=self.num_decoder_sparse_layers,
-        sparse_layout=self.decoder_sparse_layout, sparse_mlp=self.decoder_sparse_mlp,
-        logits_via_embedding=self.logits_via_embedding, **common)
+        num_embeddings=cfg.vocab_size, features=cfg.emb_dim, dtype=cfg.dtype,
+        one_hot=cfg.one_hot_embedding)
+    self.encoder = Encoder(config=cfg, shared_embedding=self.token_embedder,
+                           sparse_mlp=self.encoder_sparse_mlp)
+    self.decoder = Decoder(config=cfg, shared_embedding=self.token_embedder,
+                           sparse_mlp=self.decoder_sparse_mlp)
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None,
              encoder_positions=None, *, enable_dropout: bool = True):
@@ -627,12 +622,13 @@ class EncoderDecoder(nn.Module):
       raise ValueError("encoder_input_tokens must be [batch, length], got shape "
                        f"{encoder_input_tokens.shape}.")
     real = encoder_input_tokens > 0
-    mask = attention.make_attention_mask(real, real, dtype=self.dtype)
+    dtype = self.config.dtype
+    mask = attention.make_attention_mask(real, real, dtype=dtype)
     if encoder_segment_ids is not None:
       mask = attention.combine_masks(
           mask, attention.make_attention_mask(
-              encoder_segment_ids, encoder_segment_ids, jnp.equal, self.dtype),
-          dtype=self.dtype)
+              encoder_segment_ids, encoder_segment_ids, jnp.equal, dtype),
+          dtype=dtype)
     return self.encoder(encoder_input_tokens, mask, enable_dropout=enable_dropout)
 
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
@@ -660,6 +656,7 @@ class EncoderDecoder(nn.Module):
       `<float32>[batch, length, vocab]` logits.
     """
     del decoder_positions
+    dtype = self.config.dtype
     if decode:
       if encoder_segment_ids is not None or decoder_segment_ids is not None:
         raise ValueError("Packed inputs (segment ids) cannot be used with decode=True; "
@@ -669,18 +666,18 @@ class EncoderDecoder(nn.Module):
       padding_mask = None
       cross_mask = attention.make_attention_mask(
           jnp.ones_like(decoder_input_tokens, dtype=bool), encoder_input_tokens > 0,
-          dtype=self.dtype)
+          dtype=dtype)
     else:
       self_mask = attention.make_decoder_mask(
-          decoder_target_tokens, decoder_segment_ids, dtype=self.dtype)
+          decoder_target_tokens, decoder_segment_ids, dtype=dtype)
       padding_mask = decoder_target_tokens > 0
       cross_mask = attention.make_attention_mask(
-          decoder_target_tokens > 0, encoder_input_tokens > 0, dtype=self.dtype)
+          decoder_target_tokens > 0, encoder_input_tokens > 0, dtype=dtype)
       if encoder_segment_ids is not None:
         cross_mask = attention.combine_masks(
             cross_mask, attention.make_attention_mask(
-                decoder_segment_ids, encoder_segment_ids, jnp.equal, self.dtype),
-            dtype=self.dtype)
+                decoder_segment_ids, encoder_segment_ids, jnp.equal, dtype),
+            dtype=dtype)
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask, padding_mask,
                         enable_dropout=enable_dropout, decode=decode,
                         max_decode_length=max_decode_length)

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from moe_jax import checkpoints
 from moe_jax.convert import hf
 
 
@@ -76,11 +77,24 @@ def test_missing_weights(tmp_path):
     hf.convert(str(tmp_path), str(tmp_path / "out"))
 
 
-def test_switch_placement_rule_matches_transformers():
-  # transformers: layer i is sparse iff i % (num_layers // num_sparse) == 1.
-  assert hf._switch_rule_layers(12, 6) == (1, 3, 5, 7, 9, 11)
-  assert hf._switch_rule_layers(12, 3) == (1, 5, 9)
-  assert hf._switch_rule_layers(4, 4) == (0, 1, 2, 3)
+@pytest.mark.parametrize("config, num_layers, expected", [
+    # Without `*_sparse_step`: step = num_layers // num_sparse, layer i sparse
+    # iff i % step == 1 (or step == 1).
+    ({"num_sparse_encoder_layers": 6}, 12, (1, 3, 5, 7, 9, 11)),
+    ({"num_sparse_encoder_layers": 3}, 12, (1, 5, 9)),
+    ({"num_sparse_encoder_layers": 4}, 4, (0, 1, 2, 3)),
+    # A count of 0 gives step = num_layers, which still makes layer 1 sparse.
+    ({"num_sparse_encoder_layers": 0}, 4, (1,)),
+    # An explicit step (transformers 5 saves it) wins over the count.
+    ({"num_sparse_encoder_layers": 3, "encoder_sparse_step": 2}, 3, (1,)),
+    ({"num_sparse_encoder_layers": 1, "encoder_sparse_step": 1}, 3, (0, 1, 2)),
+    ({"num_sparse_encoder_layers": 3, "encoder_sparse_step": 0}, 3, ()),
+])
+def test_sparse_layers_follow_transformers_rule(config, num_layers, expected):
+  assert hf.transformers_sparse_layers(config, "encoder", num_layers) == expected
+
+
+def test_sparse_layout_of_layer_indices():
   assert hf.sparse_layout((1, 3, 5, 7, 9, 11), 12) == (6, "mixed")
   with pytest.raises(ValueError, match=r"Sparse layers \[1, 5, 9\].*match no moe_jax layout"):
     hf.sparse_layout((1, 5, 9), 12)
@@ -143,7 +157,7 @@ class TestWithTransformersCheckpoints:
         hf.read_weights(str(t5_dir)))
     weights = hf.read_weights(str(bin_dir))
     from_bin = hf.convert_weights(hf.architecture_from_config(config, weights), weights)
-    flat_a, flat_b = hf._flatten(from_safetensors), hf._flatten(from_bin)
+    flat_a, flat_b = checkpoints.flatten(from_safetensors), checkpoints.flatten(from_bin)
     assert sorted(flat_a) == sorted(flat_b)
     for name in flat_a:
       np.testing.assert_array_equal(flat_a[name], flat_b[name])
@@ -155,5 +169,5 @@ class TestWithTransformersCheckpoints:
     printed = capsys.readouterr().out
     assert f"Wrote checkpoint: {out / 'checkpoint'}" in printed
     assert f"Wrote gin config: {out / 'model.gin'}" in printed
-    assert cli.main(["hf", "--checkpoint_dir", str(t5_dir), "--output_dir", str(out)]) == 1
+    assert cli.main(["hf", "--checkpoint_dir", str(t5_dir), "--output_dir", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err

@@ -28,7 +28,8 @@ import gin  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from moe_jax import score  # pylint: disable=g-import-not-at-top
+from moe_jax import checkpoints  # pylint: disable=g-import-not-at-top
+from moe_jax import config  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import hf  # pylint: disable=g-import-not-at-top
 from moe_jax.models import decoding  # pylint: disable=g-import-not-at-top
 
@@ -92,8 +93,8 @@ def _build(tmp_path, build_fn, *, untie=False, bindings=()):
   # The model's MoE layer factories read gin bindings whenever the model runs,
   # so the config stays parsed until the next test clears it.
   gin.clear_config()
-  model = score.load_model([result.gin_file], list(bindings))
-  params = score.restore_params(out_dir)
+  model = config.load_model([result.gin_file], list(bindings))
+  params = checkpoints.restore_params(out_dir)
   return reference, model, params, result
 
 
@@ -156,6 +157,30 @@ def test_switch_without_token_dropping(tmp_path):
   assert result.architecture.encoder_sparse_layers == (1,)
   assert result.architecture.decoder_sparse_layers == (1,)
   assert _hf_dropped_tokens(reference) == 0
+  assert _relative_logit_error(reference, model, params) < 1e-4
+  _assert_same_greedy_decodes(reference, model, params)
+
+
+@pytest.mark.parametrize("num_sparse, step, expected", [
+    (3, 2, (1,)),        # explicit step wins over the count: only layer 1
+    (1, 1, (0, 1, 2)),   # step 1: every layer sparse
+    (3, 0, ()),          # step 0: no sparse layer at all
+])
+def test_switch_sparse_step_as_transformers_builds_it(tmp_path, num_sparse, step, expected):
+  def build():
+    config = transformers.SwitchTransformersConfig(
+        num_experts=4, num_sparse_encoder_layers=num_sparse,
+        num_sparse_decoder_layers=num_sparse, expert_capacity=64, router_jitter_noise=0.0,
+        **dict(COMMON, num_layers=3, num_decoder_layers=3))
+    # transformers 5 saves the steps to config.json and builds from them.
+    config.encoder_sparse_step = config.decoder_sparse_step = step
+    return transformers.SwitchTransformersForConditionalGeneration(config)
+
+  reference, model, params, result = _build(tmp_path, build)
+  for stack in ("encoder", "decoder"):
+    blocks = getattr(reference, stack).block
+    assert tuple(i for i, block in enumerate(blocks) if block.is_sparse) == expected
+    assert getattr(result.architecture, f"{stack}_sparse_layers") == expected
   assert _relative_logit_error(reference, model, params) < 1e-4
   _assert_same_greedy_decodes(reference, model, params)
 

@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from moe_jax import checkpoints
+from moe_jax import config
 from moe_jax import score
 from moe_jax.convert import hf
+from moe_jax.models import transformer
 
 ARCH = hf.HfArchitecture(
-    model_type="t5", vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-    num_encoder_layers=1, num_decoder_layers=1, mlp_activations=("gelu", "linear"),
-    relative_attention_num_buckets=8, relative_attention_max_distance=16,
-    logits_via_embedding=False, scale_logits=False, dropout_rate=0.0)
+    model_type="t5", scale_logits=False, config=transformer.TransformerConfig(
+        vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+        num_encoder_layers=1, num_decoder_layers=1, mlp_activations=("gelu", "linear"),
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        logits_via_embedding=False, dropout_rate=0.0))
 
 CORPUS = ["the cat sat on the mat", "a dog ran in the park", "birds fly over trees",
           "what is two plus two", "four is the answer", "rain falls on the roof"] * 5
@@ -33,11 +37,11 @@ def checkpoint(tmp_path_factory):
   gin_file.write_text(hf.model_gin(ARCH, source="test", eos_id=1,
                                    vocabulary_file=str(root / "spiece.model")))
   gin.clear_config()
-  model = score.load_model([str(gin_file)])
+  model = config.load_model([str(gin_file)])
   shapes = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
   params = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))(
       jax.random.PRNGKey(0))["params"]
-  hf.save_params(params, str(root / "checkpoint"))
+  checkpoints.save_params(params, str(root / "checkpoint"))
   return root, model, params
 
 
@@ -112,7 +116,7 @@ def test_text_without_vocabulary_is_refused(checkpoint, tmp_path, capsys):
   gin.clear_config()
   assert score.main(["--gin_file", str(no_vocab), "--checkpoint", str(root),
                      "--input_file", str(tmp_path / "in.jsonl"),
-                     "--output_file", str(tmp_path / "out.jsonl")]) == 1
+                     "--output_file", str(tmp_path / "out.jsonl")]) == 2
   assert "line 1: 'inputs' is text, but the model has no vocabulary" in capsys.readouterr().err
 
 
@@ -121,8 +125,8 @@ def test_missing_files_are_named(checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match="Input file .*nope.jsonl"):
     score.score_file(model, params, str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"))
   with pytest.raises(FileNotFoundError, match="Checkpoint .*missing"):
-    score.restore_params(str(tmp_path / "missing"))
-  with pytest.raises(FileNotFoundError, match="neither an orbax checkpoint"):
-    score.restore_params(str(tmp_path))
+    checkpoints.restore_params(str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="holds no parameters"):
+    checkpoints.restore_params(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="gin file .*absent.gin"):
-    score.load_model([str(tmp_path / "absent.gin")])
+    config.load_model([str(tmp_path / "absent.gin")])

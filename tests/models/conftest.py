@@ -32,12 +32,14 @@ def make_moe_factory(num_experts=4, k=2, **kwargs):
   return factory
 
 
-def make_module(**overrides):
-  """A 2+2-layer, width-16 encoder-decoder."""
+def make_module(*, encoder_sparse_mlp=None, decoder_sparse_mlp=None, **overrides):
+  """A 2+2-layer, width-16 encoder-decoder; `overrides` are config fields."""
   fields = dict(vocab_size=VOCAB, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
                 num_encoder_layers=2, num_decoder_layers=2, dtype=jnp.float32)
   fields.update(overrides)
-  return transformer.EncoderDecoder(**fields)
+  return transformer.EncoderDecoder(
+      config=transformer.TransformerConfig(**fields),
+      encoder_sparse_mlp=encoder_sparse_mlp, decoder_sparse_mlp=decoder_sparse_mlp)
 
 
 def make_sparse_module(**overrides):

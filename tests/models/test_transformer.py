@@ -1,5 +1,7 @@
 """Tests for the encoder-decoder module: tree, masks, packing, layouts, scan."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,7 +174,8 @@ def test_scanned_layers_compute_the_same_function(batch, sparse, remat):
                     if sparse else {}))
   variables = init(module, batch)
   expected = logits_of(module, variables, batch)
-  scanned = module.clone(scan_layers=True, remat_policy=remat)
+  scanned = module.clone(config=dataclasses.replace(module.config, scan_layers=True,
+                                                     remat_policy=remat))
   period = 2 if sparse else 1
   params = jax.tree.map(lambda x: x, variables["params"])
   for stack in ("encoder", "decoder"):

@@ -1,0 +1,166 @@
+"""Parameter checkpoints: writing, finding, reading and checking `params` trees.
+
+One home for the parameter I/O that `convert`, `score`, `eval`, `infer` and
+training share. Parameters are found in any of:
+
+  * a conversion output `OUT/` (`python -m moe_jax.convert`): its
+    `checkpoint/` is an orbax checkpoint of `{'params': tree}`;
+  * such an orbax checkpoint directory itself;
+  * a training run's MODEL_DIR (its latest `checkpoint_<step>/`), or one
+    step directory; a step keeps the parameters as its own `params` item.
+
+Trees use the canonical moe_jax / t5x parameter names.
+"""
+
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+# The subdirectory of a conversion output that holds its parameters.
+CONVERTED_SUBDIR = "checkpoint"
+# Training step directories are `checkpoint_<step>` (t5x's naming).
+STEP_PREFIX = "checkpoint"
+PARAMS_ITEM = "params"
+_STEP_DIR = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+  """`{'a': {'b': x}}` -> `{'a/b': x}` (nested mappings only)."""
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def save_params(params: PyTree, directory: str) -> None:
+  """Writes `{'params': params}` to `directory` as an orbax checkpoint.
+
+  Orbax writes into a temporary directory and renames it when complete, so
+  an interrupted save leaves no partial checkpoint at `directory`.
+  """
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(directory), {"params": params})
+    checkpointer.wait_until_finished()
+
+
+def _is_orbax_dir(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, marker)) for marker in _ORBAX_MARKERS)
+
+
+def latest_step(model_dir: str) -> Optional[int]:
+  """The newest complete training step under `model_dir`, or None.
+
+  Orbax writes a step into a temporary directory and renames it when the
+  save is complete, so only finished steps match `checkpoint_<step>`.
+  """
+  if not os.path.isdir(model_dir):
+    return None
+  steps = [int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(model_dir))
+           if m and os.path.isdir(os.path.join(model_dir, m.group(0)))]
+  return max(steps, default=None)
+
+
+def step_of(directory: str) -> int:
+  """The training step a checkpoint directory was saved at (0 if none, e.g. a conversion)."""
+  for part in reversed(os.path.normpath(os.path.abspath(directory)).split(os.sep)):
+    match = _STEP_DIR.match(part)
+    if match:
+      return int(match.group(1))
+  return 0
+
+
+def find_checkpoint(path: str) -> Tuple[str, bool]:
+  """Resolves where the parameters under `path` are (see the module docstring).
+
+  Returns:
+    `(orbax directory, wrapped)`: `wrapped` when the checkpoint holds
+    `{'params': tree}` rather than the tree itself.
+
+  Raises:
+    FileNotFoundError: naming what was expected at `path`.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
+  nested = os.path.join(path, CONVERTED_SUBDIR)
+  if os.path.isdir(nested):
+    return find_checkpoint(nested)
+  item = os.path.join(path, PARAMS_ITEM)
+  if os.path.isdir(item) and _is_orbax_dir(item):
+    return item, False
+  if _is_orbax_dir(path):
+    return path, True
+  step = latest_step(path)
+  if step is not None:
+    return find_checkpoint(os.path.join(path, f"{STEP_PREFIX}_{step}"))
+  raise FileNotFoundError(
+      f"{path!r} holds no parameters: expected a training MODEL_DIR (with "
+      f"{STEP_PREFIX}_<step>/ directories), a step directory, an orbax checkpoint, "
+      f"or a directory with a `{CONVERTED_SUBDIR}/` subdirectory (what "
+      "`python -m moe_jax.convert hf` writes).")
+
+
+def stored_params(path: str) -> PyTree:
+  """The shapes and dtypes of the parameters under `path`, read from metadata only."""
+  directory, wrapped = find_checkpoint(path)
+  with ocp.StandardCheckpointer() as reader:
+    metadata = reader.metadata(os.path.abspath(directory))
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return tree["params"] if wrapped else tree
+
+
+def restore_params(path: str, target: Optional[PyTree] = None) -> PyTree:
+  """Restores the parameters under `path` (see `find_checkpoint`).
+
+  Args:
+    path: where the parameters are.
+    target: optional tree of `jax.ShapeDtypeStruct`s with shardings: restore
+      straight into that placement (each host reads only its shards).
+  """
+  directory, wrapped = find_checkpoint(path)
+  if target is not None and wrapped:
+    target = {"params": target}
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.abspath(directory), target)
+  if not wrapped:
+    return restored
+  if "params" not in restored:
+    raise ValueError(f"Checkpoint {path!r} has no 'params' entry (found {sorted(restored)}).")
+  return restored["params"]
+
+
+def param_shapes(model: Any) -> PyTree:
+  """The `params` shapes of an `EncoderDecoderModel` (traced, no computation)."""
+  shapes = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
+  variables = jax.eval_shape(
+      lambda rng: model.get_initial_variables(rng, shapes), jax.random.PRNGKey(0))
+  return variables["params"]
+
+
+def check_params_match_model(params: PyTree, expected: PyTree) -> None:
+  """Raises ValueError naming every parameter that is missing, extra or misshapen.
+
+  Args:
+    params: parameters read from somewhere (a checkpoint, a conversion).
+    expected: the model's parameter tree (arrays or shape structs).
+  """
+  got, want = flatten(params), flatten(expected)
+  problems = [f"missing {p} {tuple(want[p].shape)}" for p in sorted(set(want) - set(got))]
+  problems += [f"unexpected {p} {tuple(got[p].shape)}" for p in sorted(set(got) - set(want))]
+  problems += [
+      f"shape mismatch for {p}: checkpoint {tuple(got[p].shape)}, model expects "
+      f"{tuple(want[p].shape)}"
+      for p in sorted(set(got) & set(want)) if tuple(got[p].shape) != tuple(want[p].shape)]
+  if problems:
+    raise ValueError(
+        f"The parameters do not fit the model ({len(problems)} problems; first: "
+        f"{problems[0]}):\n  " + "\n  ".join(problems))
