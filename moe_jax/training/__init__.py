@@ -1,0 +1,1 @@
+"""Training: the optimizer, the train step, checkpoints, metrics and the run loop."""
