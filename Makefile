@@ -22,13 +22,21 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-# Until the trainer exists, the main job is the MoE layer benchmark.
+DEMO_DIR ?= runs/demo
+
+# The main job: instruction-tune a small Flan-MoE model on the bundled sample
+# mixture (CPU), evaluate it with seqio, and draw the run report.
 demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(PY) -m moe_jax.train --gin_file=gin/runs/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+	$(PY) -m moe_jax.report $(DEMO_DIR)
+
+# The MoE layer and train-step benchmarks (README "Benchmarks").
+bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py --tokens 4096 --d_model 512 --d_ff 2048 \
 	  --experts 8,32,128 --topk 2 --capacity_factor 1.25 --capacity_scales_with_k \
 	  --group_size 1024 --dispatch einsum,sorted,dropless
-
-bench: demo
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -38,6 +38,8 @@ setuptools.setup(
         "tensorflow-text>=2.16,<2.23",
         "tensorflow-datasets>=4.9,<4.11",
         "clu>=0.0.12",
+        "tensorboard>=2.16",  # clu's TensorBoard writer imports it.
+        "matplotlib>=3.8",  # The run report's figures.
         "sentencepiece>=0.2",
         "numpy>=1.26",
         "scipy-openblas32>=0.3.27",  # BLAS of the CPU grouped-matmul kernels.
@@ -45,6 +47,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "hf": ["torch==2.13.0", "transformers>=4.44,<6", "safetensors>=0.4"],
+        "tpu": ["jax[tpu]>=0.5,<0.12"],
+        "gpu": ["jax[cuda12]>=0.5,<0.12"],
     },
     entry_points={},
 )

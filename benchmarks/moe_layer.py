@@ -30,9 +30,7 @@ kernels.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -40,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.timing import interleaved_medians_ms  # noqa: E402
 from moe_jax.layers import dense  # noqa: E402
 from moe_jax.layers import grouped_matmul  # noqa: E402
 from moe_jax.layers import moe  # noqa: E402
@@ -51,20 +50,6 @@ ROUTERS = {
     "expert_choice": lambda k: routing.ExpertChoiceRouter(),
 }
 SEQUENCE_LENGTH = 512
-
-
-def interleaved_medians_ms(fns: Dict[str, Callable[[], object]],
-                           repeats: int) -> Dict[str, float]:
-  """Median wall time (ms) of each function, timed in interleaved rounds."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())  # Compile and warm up.
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append((time.perf_counter() - start) * 1e3)
-  return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _grad_step(module, variables, x, **apply_kwargs) -> Callable[[], object]:

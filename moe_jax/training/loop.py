@@ -18,10 +18,10 @@ with an error naming the step; the last checkpoint stays the last good one.
 """
 
 import dataclasses
-import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -332,11 +332,15 @@ def train(
         jax.profiler.stop_trace()
       log.close()
       manager.close()
-  checkpoint_dir = os.path.join(os.path.abspath(model_dir),
-                                f"checkpoint_{step}")
+  checkpoint_dir = manager.step_dir(step)
   if primary:
-    print(("Preempted (SIGTERM): saved " if preemption.requested else "Done: saved ")
-          + f"{checkpoint_dir}", flush=True)
+    print(("Preempted (SIGTERM) at" if preemption.requested else "Done at") + f" step {step}.")
+    print(f"  checkpoint:   {checkpoint_dir}")
+    print(f"  metrics:      {log.jsonl_path}")
+    print(f"  TensorBoard:  tensorboard --logdir {os.path.abspath(model_dir)}")
+    if eval_results:
+      print(f"  eval results: {os.path.join(os.path.abspath(model_dir), evaluation.RESULTS_FILE)}")
+    sys.stdout.flush()
   return RunSummary(step=step, model_dir=model_dir, checkpoint_dir=checkpoint_dir,
                     preempted=preemption.requested, last_metrics=last_metrics,
                     eval_results=eval_results)

@@ -19,7 +19,7 @@ loss or gradients are not finite leaves the state unchanged and reports
 
 import contextlib
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.core
 import flax.struct

@@ -1,6 +1,5 @@
 """The training run end to end on the toy task: resume, preemption, meshes, processes."""
 
-import json
 import os
 import signal
 import socket
