@@ -142,3 +142,19 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   expected, got = conftest.losses(tmp_path / "one"), conftest.losses(tmp_path / "two")
   for step, loss in expected.items():
     assert got[step] == pytest.approx(loss, rel=2e-5), step
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  conftest.train_toy(tmp_path, TRAIN_STEPS=3, PROFILE_STEPS=[1, 2])
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith((".xplane.pb", ".trace.json.gz")) for f in traces), traces
+
+
+def test_a_step_that_cannot_fit_is_refused_before_compiling():
+  from moe_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from moe_jax.training import loop  # pylint: disable=g-import-not-at-top
+  mesh = partitioning.mesh_from_shape(None)
+  figures = {"memory": {"total_bytes": 2**50}}
+  with pytest.raises(ValueError, match="needs about 1048576.0 GiB per device.*REMAT_POLICY"):
+    loop._check_memory(figures, mesh, 8, (512, 128))  # pylint: disable=protected-access
+  loop._check_memory({"memory": {"total_bytes": 2**20}}, mesh, 8, (512, 128))  # pylint: disable=protected-access
