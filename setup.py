@@ -49,6 +49,12 @@ setuptools.setup(
         "hf": ["torch==2.13.0", "transformers>=4.44,<6", "safetensors>=0.4"],
         "tpu": ["jax[tpu]>=0.5,<0.12"],
         "gpu": ["jax[cuda12]>=0.5,<0.12"],
+        # lm-evaluation-harness adapter (moe_jax/lm_eval.py); torch pinned as in `hf`
+        # so nothing pulls a CUDA build.
+        "lm_eval": ["lm-eval>=0.4.13,<0.5", "torch==2.13.0"],
     },
-    entry_points={},
+    entry_points={
+        # Harnesses that discover plugins find `--model moe_jax` without the wrapper.
+        "lm_eval.models": ["moe_jax = moe_jax.lm_eval:MoeJaxLM"],
+    },
 )
