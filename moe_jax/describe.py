@@ -4,6 +4,8 @@ r"""Describe a model gin: parameters, activated parameters, FLOPs and memory.
   python -m moe_jax.describe --gin_file gin/models/flan_st_32b.gin \
       --mesh data=8,expert=64,model=4 --batch 256 --lengths 2048,512
   python -m moe_jax.describe --gin_file gin/models/tiny_moe.gin --json
+  python -m moe_jax.describe --gin_file gin/models/flan_st_32b.gin \
+      --batch 32 --lengths 2048,512 --accelerator v4 --chips 256 --mfu 0.4 --plan
 
 Parameter shapes come from `jax.eval_shape` of the model's initialization, so
 even a 1.6T-parameter config is described in seconds without allocating it.
@@ -34,12 +36,35 @@ Definitions (all documented in the output):
       dense FFN: 2*d + (n_in + 1)*d_ff        (norm, projections, product)
       MoE FFN:   2*d + c*(2*d + (n_in + 1)*d_ff_e)   with c the expert rows per
                  token that the layer itself computes: experts * C / group_size
-                 (C and groups from the layer's own rules, with the mesh's
-                 expert-parallel degree), k for dropless (dispatch/combine
-                 buffers and expert hidden)
+                 (C and groups from the layer's own rules for the global batch
+                 under the mesh: the group count a multiple of data x expert),
+                 k for dropless (dispatch/combine buffers and expert hidden)
     summed over layers, plus float32 logits (2 * vocab per decoder token). With
     a remat policy other than 'none' only each layer's input (d per token) is
     kept, plus one layer's full activations.
+  * Step estimate with `--accelerator {v4,v5p,v5e,v6e,h100,h200,a100}` (peak
+    dense bf16 FLOP/s and HBM per chip in `ACCELERATORS`, sources there),
+    `--mfu` (default 0.4) and `--mesh`, or `--plan --chips N` to search the
+    mesh (`plan_mesh`: data*expert*model = N, expert dividing the experts,
+    model dividing heads and MLP dims, batch divisible by data*expert, remat
+    'none' / 'full' and parameter partitioning 1 / 2 tried; the fastest step
+    that fits `--memory_fraction` (0.9) of HBM wins, ties broken by fewer
+    bytes communicated). Needs `--batch` and `--lengths`. Figures:
+      model FLOPs/step = 3 * forward_flops_per_sequence * batch (activated
+        params + attention, as above; capacity padding not counted);
+        executed = 4 * forward with a remat policy other than 'none';
+      step time = executed FLOPs / (chips * peak * mfu);
+      tokens/step = batch * (encoder + decoder length); tokens/day =
+        tokens/step * 86400 / step time;
+      expert all-to-all bytes per chip and step = sum over MoE layers of
+        4 * T_dev * r * d_model * bytes (dispatch + combine, forward +
+        backward; 6 with remat) when expert > 1, T_dev = batch / (data *
+        expert) * length, r the layer's buffer rows per token (E * C / S:
+        k * cf when capacity scales with k, cf under the flaxformer rule);
+      tensor-parallel and gradient-sync bytes: ring all-reduce estimates
+        (see `tensor_parallel_bytes`, `gradient_sync_bytes`).
+    `decoder_only_flops_per_token` and `throughput_at` put decoder-only
+    anchors (MaxText's Mixtral 8x7B) on the same scale.
 """
 
 import argparse
@@ -337,7 +362,8 @@ class Accelerator:
 ACCELERATORS: Dict[str, Accelerator] = {a.name: a for a in (
     # Cloud TPU docs, "TPU v4": 275 TFLOPS (bf16) per chip, HBM2 32 GiB.
     Accelerator("v4", 275e12, 32 * 2**30, "TPU v4"),
-    # Cloud TPU docs, "TPU v5p": 459 TFLOPS (bf16) per chip, HBM2e 95 GB.
+    # Cloud TPU docs, "TPU v5p": 459 TFLOPS (bf16) per chip, HBM2e 95 GB (MaxText's
+    # Mixtral 8x7B: 251.94 TFLOP/s per chip = 54.89% MFU, the same peak).
     Accelerator("v5p", 459e12, 95 * 10**9, "TPU v5p"),
     # Cloud TPU docs, "TPU v5e": 197 TFLOPS (bf16) per chip, HBM 16 GB.
     Accelerator("v5e", 197e12, 16 * 10**9, "TPU v5e"),
@@ -346,7 +372,8 @@ ACCELERATORS: Dict[str, Accelerator] = {a.name: a for a in (
     # NVIDIA H100 SXM5 datasheet: BF16 Tensor Core 1,979 TFLOPS *with 2:4
     # sparsity*, 989 dense; 80 GB HBM3.
     Accelerator("h100", 989e12, 80 * 10**9, "NVIDIA H100 SXM 80GB"),
-    # NVIDIA H200 SXM: the H100's compute (989 dense bf16), 141 GB HBM3e.
+    # NVIDIA H200 SXM datasheet: the H100's compute (BF16 1,979 TFLOPS with
+    # sparsity, 989 dense), 141 GB HBM3e.
     Accelerator("h200", 989e12, 141 * 10**9, "NVIDIA H200 SXM 141GB"),
     # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOPS dense (624 sparse);
     # the 80 GB HBM2e SXM4 part.
@@ -477,6 +504,26 @@ def gradient_sync_bytes(specs, mesh: Dict[str, int], remat_policy: str = "none")
   return int(round(total))
 
 
+def _capacity_flops(module, mesh: Dict[str, int], batch: int,
+                    lengths: Tuple[int, int]) -> Tuple[float, Dict[str, float]]:
+  """Forward expert-FFN FLOPs per step the capacity buffers add over k rows per token.
+
+  Returns (extra forward FLOPs, expert-buffer rows per token of each MoE stack):
+  each MoE layer runs its expert FFNs over r = E * C / group_size rows per
+  token instead of the k that `flops_per_token` counts (negative when the
+  capacity rule keeps fewer than k, e.g. top-2 at C = round(1.25 * S / E)).
+  """
+  extra = 0.0
+  rows_per_token = {}
+  for stack, layer, count in _moe_layers(module, mesh):
+    length = lengths[0] if stack == "encoder" else lengths[1]
+    rows = _routed_rows_per_token(layer, mesh, batch, length)
+    rows_per_token[stack] = rows
+    per_row = 2 * (len(layer.activations) + 1) * module.config.emb_dim * layer.expert_mlp_dim
+    extra += count * (rows - _experts_per_token(layer)) * per_row * batch * length
+  return extra, rows_per_token
+
+
 def step_estimate(module, variables, figures: Dict[str, Any], mesh: Dict[str, int],
                   batch: int, lengths: Tuple[int, int], chip: Accelerator, mfu: float,
                   optimizer: str, rules, remat_policy: Optional[str] = None,
@@ -490,7 +537,10 @@ def step_estimate(module, variables, figures: Dict[str, Any], mesh: Dict[str, in
   activated parameters + attention, capacity padding not counted, as
   MaxText counts MFU); a remat policy other than 'none' also executes the
   forward pass again (+1 x forward), so its step is 4/3 as long at the same
-  `mfu` and its model-FLOPs utilization is 3/4 of it.
+  `mfu` and its model-FLOPs utilization is 3/4 of it. `capacity_flops_per_step`
+  (informational, not in the step time) is the 3 x forward with each MoE
+  layer's expert FFNs over its capacity buffer (r rows per token, see
+  `_capacity_flops`) instead of k rows.
   """
   remat_policy = module.config.remat_policy if remat_policy is None else remat_policy
   module = module.clone(config=dataclasses.replace(module.config, remat_policy=remat_policy))
@@ -502,6 +552,7 @@ def step_estimate(module, variables, figures: Dict[str, Any], mesh: Dict[str, in
   model_flops = 3 * forward
   executed = (3 + _recompute_passes(remat_policy)) * forward
   seconds = step_time_seconds(executed, chips, chip.peak_flops, mfu)
+  capacity_extra, rows_per_token = _capacity_flops(module, mesh, batch, lengths)
   tokens = batch * (lengths[0] + lengths[1])
   usable = int(chip.hbm_bytes * memory_fraction)
   comms = {
@@ -529,6 +580,8 @@ def step_estimate(module, variables, figures: Dict[str, Any], mesh: Dict[str, in
       "model_flops_per_step": model_flops,
       "executed_flops_per_step": executed,
       "model_flops_utilization": mfu * model_flops / executed,
+      "expert_rows_per_token": rows_per_token,
+      "capacity_flops_per_step": model_flops + 3 * capacity_extra,
       "step_time_s": seconds,
       "flops_per_second_per_chip": executed / seconds / chips,
       "tokens_per_step": tokens,
@@ -601,7 +654,7 @@ def plan_mesh(model, chips: int, chip: Accelerator, batch: int, lengths: Tuple[i
   if figures is None or "forward_flops_per_sequence" not in figures:
     figures = describe(model, lengths=lengths)
   variables = variables if variables is not None else abstract_variables(module)
-  rejected: Dict[str, int] = {}
+  rejected = set()
   meshes = []
   for expert in _divisors(chips):
     for model_ways in _divisors(chips // expert):
@@ -610,7 +663,7 @@ def plan_mesh(model, chips: int, chip: Accelerator, batch: int, lengths: Tuple[i
       if why is None:
         meshes.append(mesh)
       else:
-        rejected[why] = rejected.get(why, 0) + 1
+        rejected.add(why)
   if not meshes:
     reasons = "; ".join(sorted(rejected)[:4])
     raise ValueError(
@@ -623,6 +676,8 @@ def plan_mesh(model, chips: int, chip: Accelerator, batch: int, lengths: Tuple[i
     rules = partitioning.standard_logical_axis_rules(parameter_partitioning_dims=dims)
     specs = _param_specs(variables, rules)
     for mesh in meshes:
+      if dims == 2 and mesh["data"] == 1 and 1 in parameter_partitioning_dims:
+        continue  # Without a data axis, 2-D parameter partitioning is 1-D.
       for remat in remat_policies:
         try:
           candidates.append(step_estimate(
@@ -655,7 +710,7 @@ def plan_mesh(model, chips: int, chip: Accelerator, batch: int, lengths: Tuple[i
 
 
 def _plan_rank(candidate: Dict[str, Any]):
-  return (round(candidate["step_time_s"], 9), candidate["communication_bytes_per_chip"],
+  return (float(f"{candidate['step_time_s']:.9g}"), candidate["communication_bytes_per_chip"],
           candidate["memory"]["total_bytes"],
           tuple(candidate["mesh"][a] for a in ("model", "data", "expert")))
 
@@ -710,7 +765,14 @@ def _mesh_text(mesh: Dict[str, int]) -> str:
   return ",".join(f"{a}={mesh.get(a, 1)}" for a in partitioning.MESH_AXES)
 
 
+def _sci(n: float) -> str:
+  mantissa, exponent = f"{n:.4e}".split("e")
+  return f"{mantissa}e{int(exponent)}"
+
+
 def _seconds(s: float) -> str:
+  if s < 1e-3:
+    return f"{s * 1e6:.1f} us"
   return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.3f} s"
 
 
@@ -727,8 +789,9 @@ def format_estimate(estimate: Dict[str, Any], plan: Optional[Dict[str, Any]] = N
       f"({e['lengths'][0]} + {e['lengths'][1]}) tokens, optimizer {e['optimizer']}",
   ]
   if plan:
-    lines.append(f"  searched: {plan['considered']} meshes x remat x parameter partitioning "
-                 f"= {plan['evaluated']} candidates, {plan['fitting']} fit")
+    lines.append(f"  searched:             {plan['considered']} mesh"
+                 f"{'es' * (plan['considered'] != 1)} x remat x parameter partitioning = "
+                 f"{plan['evaluated']} candidates, {plan['fitting']} fit")
   lines += [
       f"  mesh:                 {_mesh_text(e['mesh'])} (remat {e['remat_policy']}, "
       f"parameter_partitioning_dims {e['parameter_partitioning_dims']})",
@@ -739,11 +802,12 @@ def format_estimate(estimate: Dict[str, Any], plan: Optional[Dict[str, Any]] = N
       f"                        total {_gib(mem['total_bytes'])} of "
       f"{_gib(e['usable_bytes_per_chip'])} usable: "
       + ("fits" if e["fits"] else "DOES NOT FIT"),
-      f"  step FLOPs:           {_human(e['model_flops_per_step'])} model (3 x forward)"
-      + (f", {_human(e['executed_flops_per_step'])} executed with remat "
+      f"  step FLOPs:           {_sci(e['model_flops_per_step'])} model (3 x forward)"
+      + (f", {_sci(e['executed_flops_per_step'])} executed with remat "
          f"(MFU {e['model_flops_utilization']:.3g})"
          if e["executed_flops_per_step"] != e["model_flops_per_step"] else ""),
-      f"  step time:            {_seconds(e['step_time_s'])} = FLOPs / ({e['chips']} chips x "
+      f"  step time:            {_seconds(e['step_time_s'])} = "
+      f"{_sci(e['executed_flops_per_step'])} / ({e['chips']} chip{'s' * (e['chips'] != 1)} x "
       f"{e['peak_flops_per_chip'] / 1e12:.0f}T x {e['mfu']:.3g}); "
       f"{e['flops_per_second_per_chip'] / 1e12:.1f} TFLOP/s per chip",
       f"  tokens:               {e['tokens_per_step']:,} per step "
@@ -751,6 +815,14 @@ def format_estimate(estimate: Dict[str, Any], plan: Optional[Dict[str, Any]] = N
       f"{_human(e['tokens_per_day'])}/day ({_human(e['target_tokens_per_day'])} targets/day)",
       f"  all-to-all per chip:  {e['all_to_all_bytes_per_chip'] / 1e9:.3f} GB per step "
       "(dispatch + combine, forward + backward)",
+  ]
+  if e["expert_rows_per_token"]:
+    lines.append(
+        "  expert buffers:       rows per token " + ", ".join(
+            f"{k} {v:.3g}" for k, v in e["expert_rows_per_token"].items())
+        + f"; step FLOPs with expert FFNs over them: {_sci(e['capacity_flops_per_step'])} "
+        f"({e['capacity_flops_per_step'] / e['model_flops_per_step'] - 1:+.1%} vs model)")
+  lines += [
       f"  other comms per chip: tensor-parallel {e['tensor_parallel_bytes_per_chip'] / 1e9:.3f}"
       f" GB, gradient sync {e['gradient_sync_bytes_per_chip'] / 1e9:.3f} GB per step",
   ]
@@ -776,8 +848,8 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def format_report(figures: Dict[str, Any]) -> str:
-  """Human-readable table of `describe`'s figures."""
+def format_report(figures: Dict[str, Any], layers: bool = True) -> str:
+  """Human-readable table of `describe`'s figures (`layers`: the per-group table)."""
   lines = [
       f"total params:       {figures['total_params']:,} ({_human(figures['total_params'])})",
       f"activated params:   {figures['activated_params']:,} "
@@ -789,12 +861,13 @@ def format_report(figures: Dict[str, Any]) -> str:
   if "attention_flops_per_token" in figures:
     lines.append(f"attention FLOPs/tok: {_human(figures['attention_flops_per_token'], 'FLOPs')}; "
                  f"forward FLOPs/sequence {_human(figures['forward_flops_per_sequence'])}")
-  lines.append("")
-  lines.append(f"{'group':<28}{'kind':<26}{'params':>14}{'activated':>14}")
-  for layer in figures["layers"]:
-    lines.append(f"{layer['name']:<28}{layer['kind']:<26}{layer['params']:>14,}"
-                 f"{layer['activated_params']:>14,}")
-  if "memory" in figures:
+  if layers:
+    lines.append("")
+    lines.append(f"{'group':<28}{'kind':<26}{'params':>14}{'activated':>14}")
+    for layer in figures["layers"]:
+      lines.append(f"{layer['name']:<28}{layer['kind']:<26}{layer['params']:>14,}"
+                   f"{layer['activated_params']:>14,}")
+  if "memory" in figures and "estimate" not in figures:
     mem = figures["memory"]
     lines.append("")
     lines.append(f"per-device memory on mesh {mem['mesh']} (optimizer {mem['optimizer']}):")
@@ -835,7 +908,8 @@ def _describe(args: argparse.Namespace) -> None:
   model = config.load_model(args.gin_file, args.gin_bindings, args.gin_search_paths)
   dims = args.parameter_partitioning_dims
   rules = partitioning.standard_logical_axis_rules(parameter_partitioning_dims=dims or 1)
-  figures = describe(model, mesh=None if args.plan else mesh, batch=args.batch,
+  # With an estimate, its own memory (for its remat policy) replaces describe's.
+  figures = describe(model, mesh=None if estimating else mesh, batch=args.batch,
                      lengths=lengths, optimizer=args.optimizer, rules=rules)
   plan = None
   if args.plan:
@@ -857,7 +931,9 @@ def _describe(args: argparse.Namespace) -> None:
     figures = {k: v for k, v in figures.items() if k != "layers"}
     print(json.dumps(figures, sort_keys=True))
   else:
-    print(format_report(figures))
+    # With an estimate, the per-group table is left out (describe without
+    # --accelerator prints it) and the memory is the estimate's.
+    print(format_report(figures, layers="estimate" not in figures))
     if "estimate" in figures:
       print()
       print(format_estimate(figures["estimate"], plan))
