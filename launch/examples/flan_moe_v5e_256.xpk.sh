@@ -15,4 +15,4 @@ xpk workload create \
   --max-restarts=10 \
   --base-docker-image=python:3.11 \
   --script-dir="$src" \
-  --command="python3 -m pip install --quiet --use-pep517 '.[tpu]' && python3 -m moe_jax.train --gin_file=gin/models/flan_switch_base.gin --gin_file=gin/t5x/finetune_flan.gin --gin_search_paths=. --gin.MODEL_DIR=\"'gs://my-bucket-us-west4/flan-moe'\" --gin.INITIAL_CHECKPOINT_PATH=\"'gs://my-bucket-us-west4/switch_base_128/checkpoint_500000'\" --gin.TRAIN_STEPS=520000 --gin.MESH_SHAPE=\"{'data': -1, 'expert': 8, 'model': 1}\""
+  --command="python3 -m pip install --quiet --use-pep517 '.[tpu]' && python3 -m moe_jax.train --gin_file=gin/models/flan_switch_base.gin --gin_file=gin/runs/finetune.gin --gin_search_paths=. --gin.MODEL_DIR=\"'gs://my-bucket-us-west4/flan-moe'\" --gin.INITIAL_CHECKPOINT_PATH=\"'gs://my-bucket-us-west4/switch_base_128/checkpoint_500000'\" --gin.TRAIN_STEPS=520000 --gin.MESH_SHAPE=\"{'data': -1, 'expert': 8, 'model': 1}\""

@@ -2,7 +2,7 @@
 
 def flan(bucket: str) -> list[str]:
   return ["--gin_file=gin/models/flan_switch_base.gin",
-          "--gin_file=gin/t5x/finetune_flan.gin",
+          "--gin_file=gin/runs/finetune.gin",
           f"--gin.INITIAL_CHECKPOINT_PATH='gs://{bucket}/switch_base_128/checkpoint_500000'",
           "--gin.TRAIN_STEPS=520000",
           "--gin.MESH_SHAPE={'data': -1, 'expert': 8, 'model': 1}"]

@@ -28,7 +28,7 @@ def load(name):
 
 DRIVER_LINES = [
     "    --gin_file=gin/models/flan_switch_base.gin \\",
-    "    --gin_file=gin/t5x/finetune_flan.gin \\",
+    "    --gin_file=gin/runs/finetune.gin \\",
     "    --gin_search_paths=. \\",
 ]
 
@@ -129,7 +129,7 @@ def test_xpk_script():
       '  --script-dir="$src" \\',
       "  --command=\"python3 -m pip install --quiet --use-pep517 '.[tpu]' && "
       "python3 -m moe_jax.train --gin_file=gin/models/flan_switch_base.gin "
-      "--gin_file=gin/t5x/finetune_flan.gin --gin_search_paths=. "
+      "--gin_file=gin/runs/finetune.gin --gin_search_paths=. "
       "--gin.MODEL_DIR=\\\"'gs://my-bucket-us-west4/flan-moe'\\\" "
       "--gin.INITIAL_CHECKPOINT_PATH=\\\"'gs://my-bucket-us-west4/switch_base_128/checkpoint_500000'\\\" "
       "--gin.TRAIN_STEPS=520000 "

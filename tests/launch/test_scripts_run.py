@@ -136,7 +136,7 @@ def test_sbatch_script_gives_each_node_its_process_id(box):
     assert driver_record(tmp, process_id) == [
         f"gpu-a:8476|2|{process_id}", "-m", "moe_jax.train",
         "--gin_file=gin/models/flan_switch_base.gin",
-        "--gin_file=gin/t5x/finetune_flan.gin", "--gin_search_paths=.",
+        "--gin_file=gin/runs/finetune.gin", "--gin_search_paths=.",
         "--gin.MODEL_DIR='gs://my-bucket/flan-moe-gpu'",
         "--gin.INITIAL_CHECKPOINT_PATH="
         "'gs://my-bucket/switch_base_128/checkpoint_500000'",

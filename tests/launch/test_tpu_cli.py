@@ -14,7 +14,7 @@ SLICES = {
     "v5e-256": ("v5litepod-256", "v2-alpha-tpuv5-lite", "us-west4-a", 64),
 }
 GIN = ("--gin_file=gin/models/flan_switch_base.gin",
-       "--gin_file=gin/t5x/finetune_flan.gin")
+       "--gin_file=gin/runs/finetune.gin")
 MESH = "--gin.MESH_SHAPE={'data': -1, 'expert': 8, 'model': 1}"
 
 
@@ -55,12 +55,12 @@ def test_create(launch_cli, tpu_type, flags, text):
 
 RUN = """
 git -C {root} status --porcelain --untracked-files=no
-git -C {root} ls-tree --name-only HEAD -- gin/models/flan_switch_base.gin gin/t5x/finetune_flan.gin
+git -C {root} ls-tree --name-only HEAD -- gin/models/flan_switch_base.gin gin/runs/finetune.gin
 gcloud storage buckets describe gs://my-bucket --format='value(location)'
 git -C {root} archive --format=tar.gz --output={staging}/moe-jax-flan-moe.tar.gz HEAD
 gcloud compute tpus tpu-vm scp {staging}/moe-jax-flan-moe.tar.gz flan-moe:moe-jax.tar.gz --worker=all {where}
 gcloud compute tpus tpu-vm ssh flan-moe {where} --worker=all --command="if pgrep -F ~/moe-jax-run/pid > /dev/null 2>&1; then echo refusing to reinstall: a driver still runs here, stop it with launch/tpu.py stop >&2; exit 3; fi; rm -rf ~/moe-jax && mkdir -p ~/moe-jax && tar -xzf ~/moe-jax.tar.gz -C ~/moe-jax && cd ~/moe-jax && python3 -m pip install --quiet --use-pep517 '.[tpu]'"
-gcloud compute tpus tpu-vm ssh flan-moe {where} --worker=all --command="mkdir -p ~/moe-jax-run && rm -f ~/moe-jax-run/exit_code && cd ~/moe-jax && (setsid nohup bash launch/worker_run.sh ~/moe-jax-run python3 -m moe_jax.train --gin_file=gin/models/flan_switch_base.gin --gin_file=gin/t5x/finetune_flan.gin --gin_search_paths=. --gin.MODEL_DIR=\\"'gs://my-bucket/flan-moe'\\" --gin.MESH_SHAPE=\\"{{'data': -1, 'expert': 8, 'model': 1}}\\" --gin.TRAIN_STEPS=20000 > /dev/null 2>&1 < /dev/null &)"
+gcloud compute tpus tpu-vm ssh flan-moe {where} --worker=all --command="mkdir -p ~/moe-jax-run && rm -f ~/moe-jax-run/exit_code && cd ~/moe-jax && (setsid nohup bash launch/worker_run.sh ~/moe-jax-run python3 -m moe_jax.train --gin_file=gin/models/flan_switch_base.gin --gin_file=gin/runs/finetune.gin --gin_search_paths=. --gin.MODEL_DIR=\\"'gs://my-bucket/flan-moe'\\" --gin.MESH_SHAPE=\\"{{'data': -1, 'expert': 8, 'model': 1}}\\" --gin.TRAIN_STEPS=20000 > /dev/null 2>&1 < /dev/null &)"
 # started on {hosts} worker(s) of flan-moe; follow worker 0 with `launch/tpu.py logs`, stop with `launch/tpu.py stop`
 """
 RUN_FLAGS = (*GIN, "--model_dir", "gs://my-bucket/flan-moe", MESH,
