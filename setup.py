@@ -48,7 +48,7 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         "hf": ["torch==2.13.0", "transformers>=4.44,<6", "safetensors>=0.4"],
         "tpu": ["jax[tpu]>=0.5,<0.12"],
-        "gpu": ["jax[cuda12]>=0.5,<0.12"],
+        "gpu": ["jax[cuda12]>=0.5,<0.12", "tokamax>=0.0.12"],
         # lm-evaluation-harness adapter (moe_jax/lm_eval.py); torch pinned as in `hf`
         # so nothing pulls a CUDA build.
         "lm_eval": ["lm-eval>=0.4.13,<0.5", "torch==2.13.0"],

@@ -28,6 +28,15 @@ JAX trace state (thread-local) is clean; one warning line logs its cost. Fill th
 `python -m moe_jax.tune`, or set `MOE_JAX_TUNING=static` to skip measuring and
 use each caller's static rule (what a test suite should set: results must not
 depend on timing, and timings must not hide measurements).
+
+Nesting: a candidate may itself choose while it is built (a layer whose
+grouped matmuls pick their kernel tiles when traced). Such an inner `choose`
+runs in the measurement's worker thread while the outer one holds the locks
+and waits for it; it measures (in a thread of its own) without taking them.
+
+Preferences (`prefer`): a candidate whose name contains a preferred marker
+(e.g. 'tokamax', a maintained kernel library) is chosen when it is within a
+stated fraction of the fastest: near-ties go to it.
 """
 
 import concurrent.futures
@@ -86,6 +95,8 @@ class Decision:
 _memo: Dict[str, Decision] = {}     # cache key -> measured or cached decision
 _history: Dict[str, Decision] = {}  # problem -> latest decision, for decisions()
 _memo_lock = threading.RLock()
+_thread = threading.local()          # .measuring: this thread builds/times candidates
+_preferences: Dict[str, float] = {}  # name marker -> tolerance (see `prefer`)
 
 
 def mode() -> str:
@@ -160,10 +171,40 @@ def clear_memo() -> None:
     _history.clear()
 
 
+def prefer(marker: str, within: float) -> None:
+  """Near-ties go to candidates whose name contains `marker`.
+
+  A measured candidate with `marker` in its name is chosen over a faster one
+  when its time is at most `(1 + within)` times the fastest (the first such
+  candidate, in the caller's order, if several).
+  """
+  if within < 0:
+    raise ValueError(f"within must be >= 0, got {within}.")
+  _preferences[marker] = within
+
+
+def _inside_measurement() -> bool:
+  return getattr(_thread, "measuring", False)
+
+
 def _record(decision: Decision) -> Decision:
+  key = json.dumps(decision.problem, sort_keys=True, default=str)
+  if _inside_measurement():  # The outer measurement holds the lock (see choose).
+    _history[key] = decision
+    return decision
   with _memo_lock:
-    _history[json.dumps(decision.problem, sort_keys=True, default=str)] = decision
+    _history[key] = decision
   return decision
+
+
+def _pick(times: Mapping[str, float]) -> str:
+  """The fastest candidate, or a preferred one within its tolerance."""
+  best = min(times, key=times.get)
+  for name, ms in times.items():
+    for marker, within in _preferences.items():
+      if marker in name and ms <= (1.0 + within) * times[best]:
+        return name
+  return best
 
 
 def measure(candidates: Mapping[str, Builder], rounds: int = ROUNDS) -> Dict[str, float]:
@@ -177,6 +218,7 @@ def measure(candidates: Mapping[str, Builder], rounds: int = ROUNDS) -> Dict[str
   run is left out with a warning.
   """
   def work():
+    _thread.measuring = True  # Nested choices skip the locks (see choose).
     steps = {}
     for name, build in candidates.items():
       try:
@@ -283,17 +325,29 @@ def choose(problem: Mapping[str, Any], candidates: Mapping[str, Builder],
   if len(candidates) == 1 or mode() == "static":
     return _record(Decision(problem, static, {}, "static"))
   key = cache_key(problem, environment())
+  if _inside_measurement():
+    # Called while an outer measurement of this process builds a candidate:
+    # it holds both locks and waits for this thread, so taking them here
+    # would deadlock; nothing else can take them meanwhile.
+    return _record(_decide(key, problem, candidates, static))
   with _memo_lock:  # One measurement at a time in this process ...
     if key in _memo:
       return _record(_memo[key])
     with _cache_lock():  # ... and across processes.
-      decision = _cached_decision(read_cache().get(key), problem, candidates)
-      if decision is None:
-        decision = _measure(problem, candidates, static)
-        if decision.source == "measured":
-          _store(key, decision)
-    _memo[key] = decision
-    return _record(decision)
+      return _record(_decide(key, problem, candidates, static))
+
+
+def _decide(key: str, problem, candidates, static) -> Decision:
+  """Memo, disk cache or a measurement (the caller holds the locks)."""
+  if key in _memo:
+    return _memo[key]
+  decision = _cached_decision(read_cache().get(key), problem, candidates)
+  if decision is None:
+    decision = _measure(problem, candidates, static)
+    if decision.source == "measured":
+      _store(key, decision)
+  _memo[key] = decision
+  return decision
 
 
 def _measure(problem, candidates, static) -> Decision:
@@ -302,7 +356,7 @@ def _measure(problem, candidates, static) -> Decision:
   if not times:
     logger.warning("moe_jax.tuning: no candidate ran; using the static choice %s.", static)
     return Decision(problem, static, {}, "static")
-  choice = min(times, key=times.get)
+  choice = _pick(times)
   logger.warning(
       "moe_jax.tuning: measured %s in %.1f s: %s -> %s (cached in %s; %s=static skips "
       "measuring).", problem.get("name", "a problem"), time.perf_counter() - start,

@@ -26,7 +26,9 @@ output. The table `STRATEGIES`:
   inverse maps are exact since every slot holds at most one assignment), which
   avoids the serial scatter-adds that autodiff of a gather produces on CPU/GPU.
 * `sorted_rows`: the same kept assignments as exact rows sorted by expert
-  (`row_layout`), no capacity padding computed; on the CPU BLAS kernels.
+  (`row_layout`), no capacity padding computed; on the CPU BLAS kernels
+  (measured against `sorted_buffers` under 'auto'), or on a GPU grouped
+  kernel asked for by name.
 * `ragged`: no capacity; all assignments as rows for a grouped matmul
   (`grouped_matmul.gmm`).
 * `overflow`: no capacity; `sorted_buffers` at the configured capacity plus,
@@ -528,6 +530,12 @@ def explicit_fields(plan: Plan) -> Dict[str, str]:
   return fields[plan.strategy]
 
 
+# Grouped kernels that 'sorted' runs its kept assignments on as exact rows
+# when asked for by name (with 'auto', only the CPU BLAS kernels: see
+# `candidates`).
+ROW_KERNELS = ("cpu_blas", "mosaic_gpu", "tokamax")
+
+
 def candidates(*, dispatch: str, dropless_backend: str, grouped_matmul_implementation: str,
                expert_choice: bool, num_expert_partitions: int, dtype: types.DType,
                embed: int, expert_mlp_dim: int,
@@ -541,13 +549,19 @@ def candidates(*, dispatch: str, dropless_backend: str, grouped_matmul_implement
       `sorted_buffers` and `sorted_rows/cpu_blas` (static rule: rows, no
       padding computed). Everywhere else `sorted_buffers` (batched matmuls
       over the padded buffer; accelerators and expert parallelism need no
-      more). An explicit 'cpu_blas' with one expert partition selects
-      `sorted_rows/cpu_blas`.
+      more). An explicit row kernel ('cpu_blas', 'mosaic_gpu', 'tokamax')
+      with one expert partition selects `sorted_rows/<kernel>`: the kept
+      assignments as exact rows on it.
     * dispatch='dropless', dropless_backend='auto': `overflow`, plus
       `ragged/<kernel>` where a grouped kernel computes only each row's expert
       (TPU's ragged_dot, Mosaic GPU on Hopper in bfloat16/float16, the CPU
-      BLAS kernels; static rule: ragged). XLA's dense lowering of ragged_dot
-      (E times the work) is never a candidate.
+      BLAS kernels; static rule: ragged), and `ragged/tokamax` beside Mosaic
+      GPU or TPU's ragged_dot where tokamax can run
+      (`grouped_matmul.alternative_kernels`). XLA's dense lowering of
+      ragged_dot (E times the work) is never a candidate.
+    * dispatch='dropless', dropless_backend='ragged',
+      grouped_matmul_implementation='auto': `ragged/<kernel>` and those
+      alternatives.
     * expert-choice routers: `einsum` or `expert_choice` (dispatch='sorted').
 
   Args:
@@ -565,20 +579,29 @@ def candidates(*, dispatch: str, dropless_backend: str, grouped_matmul_implement
     return (Plan("einsum"),)
   kernel = grouped_matmul.grouped_kernel(grouped_matmul_implementation, dtype, embed,
                                          expert_mlp_dim, device_count=device_count)
+  auto = grouped_matmul_implementation == "auto"
+
+  def alternatives(first: str) -> Tuple[Plan, ...]:
+    if not auto:
+      return ()
+    return tuple(Plan("ragged", other) for other in grouped_matmul.alternative_kernels(
+        first, dtype, embed, expert_mlp_dim))
+
   if dispatch == "sorted":
-    if kernel == "cpu_blas" and num_expert_partitions == 1:
-      rows = (Plan("sorted_rows", "cpu_blas"),)
-      return rows if grouped_matmul_implementation != "auto" else rows + (
-          Plan("sorted_buffers"),)
+    if num_expert_partitions == 1 and (
+        kernel == "cpu_blas" or (not auto and kernel in ROW_KERNELS)):
+      rows = (Plan("sorted_rows", kernel),)
+      return rows if not auto else rows + (Plan("sorted_buffers"),)
     return (Plan("sorted_buffers"),)
   if dropless_backend == "overflow":
     return (Plan("overflow"),)
   if dropless_backend == "ragged":
-    return (Plan("ragged", grouped_matmul.resolve_implementation(
+    first = grouped_matmul.resolve_implementation(
         grouped_matmul_implementation, dtype, embed, expert_mlp_dim,
-        device_count=device_count)),)
+        device_count=device_count)
+    return (Plan("ragged", first),) + alternatives(first)
   if kernel:
-    return (Plan("ragged", kernel), Plan("overflow"))
+    return (Plan("ragged", kernel),) + alternatives(kernel) + (Plan("overflow"),)
   return (Plan("overflow"),)
 
 
