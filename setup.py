@@ -41,6 +41,8 @@ setuptools.setup(
         "tensorboard>=2.16",  # clu's TensorBoard writer imports it.
         "matplotlib>=3.8",  # The run report's figures.
         "sentencepiece>=0.2",
+        "msgpack>=1.0",  # t5x checkpoints (moe_jax/convert/t5x.py).
+        "tensorstore>=0.1.51",
         "numpy>=1.26",
         "scipy-openblas32>=0.3.27",  # BLAS of the CPU grouped-matmul kernels.
     ],

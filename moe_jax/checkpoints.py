@@ -7,7 +7,11 @@ training share. Parameters are found in any of:
     `checkpoint/` is an orbax checkpoint of `{'params': tree}`;
   * such an orbax checkpoint directory itself;
   * a training run's MODEL_DIR (its latest `checkpoint_<step>/`), or one
-    step directory; a step keeps the parameters as its own `params` item.
+    step directory; a step keeps the parameters as its own `params` item;
+  * a t5x checkpoint (`checkpoint_<step>/` with a msgpack `checkpoint` file
+    and tensorstore arrays: the released T5 / Flan-T5 / Switch checkpoints,
+    or t5x's orbax format with a `state/` item), or a t5x MODEL_DIR of such
+    steps; read by `moe_jax.convert.t5x` without t5x.
 
 Trees use the canonical moe_jax / t5x parameter names.
 """
@@ -78,12 +82,19 @@ def step_of(directory: str) -> int:
   return 0
 
 
+def is_t5x_checkpoint(directory: str) -> bool:
+  """Whether `directory` (from `find_checkpoint`) is a t5x checkpoint, not orbax."""
+  from moe_jax.convert import t5x  # pylint: disable=g-import-not-at-top
+  return t5x.is_t5x_checkpoint(directory)
+
+
 def find_checkpoint(path: str) -> Tuple[str, bool]:
   """Resolves where the parameters under `path` are (see the module docstring).
 
   Returns:
-    `(orbax directory, wrapped)`: `wrapped` when the checkpoint holds
-    `{'params': tree}` rather than the tree itself.
+    `(directory, wrapped)`: an orbax directory, with `wrapped` when it holds
+    `{'params': tree}` rather than the tree itself; or a t5x step directory
+    (`is_t5x_checkpoint`), whose parameters are its `target` (`wrapped`).
 
   Raises:
     FileNotFoundError: naming what was expected at `path`.
@@ -96,6 +107,8 @@ def find_checkpoint(path: str) -> Tuple[str, bool]:
   item = os.path.join(path, PARAMS_ITEM)
   if os.path.isdir(item) and _is_orbax_dir(item):
     return item, False
+  if is_t5x_checkpoint(path):  # Before orbax: t5x's orbax steps are t5x checkpoints.
+    return path, True
   if _is_orbax_dir(path):
     return path, True
   step = latest_step(path)
@@ -104,13 +117,18 @@ def find_checkpoint(path: str) -> Tuple[str, bool]:
   raise FileNotFoundError(
       f"{path!r} holds no parameters: expected a training MODEL_DIR (with "
       f"{STEP_PREFIX}_<step>/ directories), a step directory, an orbax checkpoint, "
-      f"or a directory with a `{CONVERTED_SUBDIR}/` subdirectory (what "
-      "`python -m moe_jax.convert hf` writes).")
+      f"a directory with a `{CONVERTED_SUBDIR}/` subdirectory (what "
+      "`python -m moe_jax.convert` writes), or a t5x checkpoint directory (a msgpack "
+      "`checkpoint` file with tensorstore arrays, or t5x's orbax `state/`) or t5x "
+      "MODEL_DIR.")
 
 
 def stored_params(path: str) -> PyTree:
   """The shapes and dtypes of the parameters under `path`, read from metadata only."""
   directory, wrapped = find_checkpoint(path)
+  if is_t5x_checkpoint(directory):
+    from moe_jax.convert import t5x  # pylint: disable=g-import-not-at-top
+    return t5x.stored_params(directory)
   with ocp.StandardCheckpointer() as reader:
     metadata = reader.metadata(os.path.abspath(directory))
   tree = getattr(metadata, "item_metadata", metadata)
@@ -118,17 +136,31 @@ def stored_params(path: str) -> PyTree:
   return tree["params"] if wrapped else tree
 
 
-def restore_params(path: str, target: Optional[PyTree] = None) -> PyTree:
+def restore_params(path: str, target: Optional[PyTree] = None, *,
+                   partial: bool = False) -> PyTree:
   """Restores the parameters under `path` (see `find_checkpoint`).
 
   Args:
     path: where the parameters are.
     target: optional tree of `jax.ShapeDtypeStruct`s with shardings: restore
       straight into that placement (each host reads only its shards).
+    partial: `target` names only some of the stored parameters: read just
+      those (an initial checkpoint for another model).
   """
   directory, wrapped = find_checkpoint(path)
+  if is_t5x_checkpoint(directory):
+    from moe_jax.convert import t5x  # pylint: disable=g-import-not-at-top
+    return t5x.restore_params(directory, target, partial=partial)
   if target is not None and wrapped:
     target = {"params": target}
+  if target is not None and partial:
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(
+          os.path.abspath(directory),
+          args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+    return restored["params"] if wrapped else restored
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.abspath(directory), target)
   if not wrapped:

@@ -154,7 +154,7 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
   Args:
     trainer: the run's trainer (model, shardings).
     path: anything `checkpoints.find_checkpoint` accepts (a run's MODEL_DIR or
-      step directory, a `convert` output).
+      step directory, a `convert` output, a t5x checkpoint).
     rng: initializes the parameters the checkpoint does not provide.
     reinitialize: regexes over '/'-joined parameter paths whose values are
       initialized afresh instead of read (e.g. '.*/router/.*').
@@ -170,7 +170,7 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
     ValueError: naming the first parameter the checkpoint cannot provide
       (missing, or of another shape), i.e. another architecture.
   """
-  directory, wrapped = checkpoints.find_checkpoint(path)
+  directory, _ = checkpoints.find_checkpoint(path)
   stored = _flat(checkpoints.stored_params(path))
   patterns = [re.compile(p) for p in reinitialize]
   fresh = trainer.init_state(rng)
@@ -206,16 +206,7 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
     sharding = shardings[name] if source == name else None
     shape = info.shape if source == name else info.shape[1:]
     target[source] = jax.ShapeDtypeStruct(shape, info.dtype, sharding=sharding)
-  target_tree = _unflatten(target)
-  if wrapped:
-    target_tree = {"params": target_tree}
-  with ocp.PyTreeCheckpointer() as reader:
-    loaded = reader.restore(
-        os.path.abspath(directory),
-        args=ocp.args.PyTreeRestore(
-            item=target_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(
-                target_tree), partial_restore=True))
-  loaded = _flat(loaded["params"] if wrapped else loaded)
+  loaded = _flat(checkpoints.restore_params(path, _unflatten(target), partial=True))
 
   params = _flat(fresh.params)
   for name, source in sources.items():
