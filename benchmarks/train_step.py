@@ -221,7 +221,7 @@ def parse_args(argv: Optional[List[str]] = None):
   args.dtype = jnp.dtype(args.dtype)
   args.config_name = (",".join(args.gin_file) if args.gin_file else
                       f"d_model={args.d_model} d_ff={args.d_ff} E={args.experts} "
-                      f"k={args.topk} layers={args.layers}+{args.layers} "
+                      f"k={args.topk} layers={args.layers}+{args.layers} vocab={args.vocab} "
                       f"batch={args.batch}x{args.lengths[0]}+{args.lengths[1]}")
   return args
 

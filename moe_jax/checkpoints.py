@@ -22,6 +22,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from moe_jax import paths
 
 PyTree = Any
 # The subdirectory of a conversion output that holds its parameters.
@@ -45,6 +48,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
   return flat
 
 
+def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
+  """`{'a/b': x}` -> `{'a': {'b': x}}` (the inverse of `flatten`)."""
+  tree: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
 def save_params(params: PyTree, directory: str) -> None:
   """Writes `{'params': params}` to `directory` as an orbax checkpoint.
 
@@ -52,12 +67,12 @@ def save_params(params: PyTree, directory: str) -> None:
   an interrupted save leaves no partial checkpoint at `directory`.
   """
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(directory), {"params": params})
+    checkpointer.save(paths.absolute(directory), {"params": params})
     checkpointer.wait_until_finished()
 
 
 def _is_orbax_dir(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, marker)) for marker in _ORBAX_MARKERS)
+  return any((epath.Path(path) / marker).exists() for marker in _ORBAX_MARKERS)
 
 
 def latest_step(model_dir: str) -> Optional[int]:
@@ -66,16 +81,17 @@ def latest_step(model_dir: str) -> Optional[int]:
   Orbax writes a step into a temporary directory and renames it when the
   save is complete, so only finished steps match `checkpoint_<step>`.
   """
-  if not os.path.isdir(model_dir):
+  directory = epath.Path(model_dir)
+  if not directory.is_dir():
     return None
-  steps = [int(m.group(1)) for m in map(_STEP_DIR.match, os.listdir(model_dir))
-           if m and os.path.isdir(os.path.join(model_dir, m.group(0)))]
+  steps = [int(m.group(1)) for m in (_STEP_DIR.match(p.name) for p in directory.iterdir())
+           if m and (directory / m.group(0)).is_dir()]
   return max(steps, default=None)
 
 
 def step_of(directory: str) -> int:
   """The training step a checkpoint directory was saved at (0 if none, e.g. a conversion)."""
-  for part in reversed(os.path.normpath(os.path.abspath(directory)).split(os.sep)):
+  for part in reversed(paths.absolute(directory).split("/")):
     match = _STEP_DIR.match(part)
     if match:
       return int(match.group(1))
@@ -99,13 +115,13 @@ def find_checkpoint(path: str) -> Tuple[str, bool]:
   Raises:
     FileNotFoundError: naming what was expected at `path`.
   """
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
   nested = os.path.join(path, CONVERTED_SUBDIR)
-  if os.path.isdir(nested):
+  if epath.Path(nested).is_dir():
     return find_checkpoint(nested)
   item = os.path.join(path, PARAMS_ITEM)
-  if os.path.isdir(item) and _is_orbax_dir(item):
+  if epath.Path(item).is_dir() and _is_orbax_dir(item):
     return item, False
   if is_t5x_checkpoint(path):  # Before orbax: t5x's orbax steps are t5x checkpoints.
     return path, True
@@ -130,7 +146,7 @@ def stored_params(path: str) -> PyTree:
     from moe_jax.convert import t5x  # pylint: disable=g-import-not-at-top
     return t5x.stored_params(directory)
   with ocp.StandardCheckpointer() as reader:
-    metadata = reader.metadata(os.path.abspath(directory))
+    metadata = reader.metadata(paths.absolute(directory))
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   return tree["params"] if wrapped else tree
@@ -156,13 +172,13 @@ def restore_params(path: str, target: Optional[PyTree] = None, *,
   if target is not None and partial:
     with ocp.PyTreeCheckpointer() as reader:
       restored = reader.restore(
-          os.path.abspath(directory),
+          paths.absolute(directory),
           args=ocp.args.PyTreeRestore(
               item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
               partial_restore=True))
     return restored["params"] if wrapped else restored
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.abspath(directory), target)
+    restored = checkpointer.restore(paths.absolute(directory), target)
   if not wrapped:
     return restored
   if "params" not in restored:

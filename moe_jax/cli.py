@@ -82,6 +82,38 @@ def quiet_startup() -> None:
     logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever `sys.stderr` is at the time of each record."""
+
+  def __init__(self):
+    super().__init__(sys.stderr)
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    del value  # Always the current sys.stderr.
+
+
+@contextlib.contextmanager
+def plain_logs() -> Iterator[None]:
+  """While a command runs, our own log lines print as their message alone (each
+  names its module), not as `WARNING:moe_jax.x:...` when a library has set up
+  root logging."""
+  package = logging.getLogger("moe_jax")
+  handler, propagate = _StderrHandler(), package.propagate
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  package.addHandler(handler)
+  package.propagate = False
+  try:
+    yield
+  finally:
+    package.removeHandler(handler)
+    package.propagate = propagate
+
+
 def add_gin_flags(parser: argparse.ArgumentParser) -> None:
   """t5x's gin flags: `--gin_file` (repeatable), `--gin_search_paths`, and
   bindings as `--gin.NAME=VALUE` (or `--gin_bindings "NAME = VALUE"`)."""
@@ -158,7 +190,8 @@ def run(main: Callable[[argparse.Namespace], Optional[int]],
   if not args.verbose:
     quiet_startup()
   try:
-    return main(args) or 0
+    with plain_logs():
+      return main(args) or 0
   except ANTICIPATED_ERRORS as error:
     if args.debug:
       raise

@@ -81,3 +81,21 @@ def test_error_lines_point_to_debug_for_details():
   text = cli.error_lines("prog", ValueError("first problem\n  detail 1\n  detail 2"))
   assert text.splitlines() == ["prog: first problem",
                                "prog: (2 more lines; rerun with --debug)"]
+
+
+def test_own_log_lines_print_as_their_message_while_a_command_runs(capsys):
+  import argparse  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  root_handler = logging.StreamHandler(sys.stderr)  # What logging.basicConfig() installs.
+  root_handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+  logging.getLogger().addHandler(root_handler)
+  parser = argparse.ArgumentParser(prog="test")
+  cli.add_output_flags(parser)
+  logger = logging.getLogger("moe_jax.tuning")
+  try:
+    assert cli.run(lambda args: logger.warning("moe_jax.tuning: measured"), parser, []) == 0
+    assert capsys.readouterr().err == "moe_jax.tuning: measured\n"
+    logger.warning("after")  # Outside a command, logging is as the process set it up.
+    assert capsys.readouterr().err == "WARNING:moe_jax.tuning:after\n"
+  finally:
+    logging.getLogger().removeHandler(root_handler)

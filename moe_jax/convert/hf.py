@@ -570,18 +570,6 @@ class _Tensors:
                   if n not in self._used and not n.endswith(_IGNORED_SUFFIXES))
 
 
-def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  """`{'a/b': x}` -> `{'a': {'b': x}}` (the inverse of `checkpoints.flatten`)."""
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
 def convert_weights(arch: HfArchitecture,
                     weights: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   """Maps checkpoint tensors onto the canonical moe_jax parameter tree.
@@ -626,7 +614,7 @@ def convert_weights(arch: HfArchitecture,
         f"{len(leftovers)} checkpoint tensors have no place in the moe_jax model, "
         f"e.g. {leftovers[:5]}; the checkpoint does not match config.json's "
         "architecture, or uses a variant moe_jax does not support.")
-  return unflatten(flat)
+  return checkpoints.unflatten(flat)
 
 
 # ---------------------------------------------------------------------------
@@ -1151,7 +1139,7 @@ def unscan_params(params: Mapping[str, Any],
       j = int(sub[len("subblock_"):])
       for block in range(num_layers // period):
         out[f"{stack}/layers_{block * period + j}/{rest}"] = value[block]
-  return unflatten(out)
+  return checkpoints.unflatten(out)
 
 
 def export_tensors(arch: HfArchitecture, params: Mapping[str, Any]) -> Dict[str, np.ndarray]:

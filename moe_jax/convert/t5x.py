@@ -52,6 +52,8 @@ import msgpack
 import numpy as np
 import tensorstore as ts
 
+from moe_jax import checkpoints
+
 CHECKPOINT_FILE = "checkpoint"
 ORBAX_STATE_ITEM = "state"
 TARGET = "target"
@@ -221,20 +223,20 @@ class T5xCheckpoint:
     if TARGET not in tree:
       raise ValueError(f"The t5x checkpoint {self._orbax!r} has no {TARGET!r} (parameters); "
                        f"found {sorted(tree)}.")
-    return _tree({name: _OrbaxLeaf(name, tuple(leaf.shape), np.dtype(leaf.dtype))
-                  for name, leaf in _flat(tree[TARGET]).items()})
+    return checkpoints.unflatten({name: _OrbaxLeaf(name, tuple(leaf.shape), np.dtype(leaf.dtype))
+                  for name, leaf in checkpoints.flatten(tree[TARGET]).items()})
 
   def _orbax_read(self, name: str) -> np.ndarray:
     """One `target` array of t5x's orbax item (all of them are read, once)."""
     if self._orbax_values is None:
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-      leaves = _flat(self._orbax_metadata())
-      item = {TARGET: _tree({n: np.zeros((), leaf.dtype) for n, leaf in leaves.items()})}
+      leaves = checkpoints.flatten(self._orbax_metadata())
+      item = {TARGET: checkpoints.unflatten({n: np.zeros((), leaf.dtype) for n, leaf in leaves.items()})}
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
       with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(self._orbax, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
-      self._orbax_values = {n: np.asarray(v) for n, v in _flat(restored[TARGET]).items()}
+      self._orbax_values = {n: np.asarray(v) for n, v in checkpoints.flatten(restored[TARGET]).items()}
     return self._orbax_values[name]
 
   def _stored_shape(self, value: Any) -> Tuple[Tuple[int, ...], np.dtype]:
@@ -324,32 +326,10 @@ class T5xCheckpoint:
     return array if index is None else array[index]
 
 
-def _tree(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(_flat(value, path))
-    else:
-      flat[path] = value
-  return flat
-
-
 def stored_params(directory: str) -> Dict[str, Any]:
   """`{param tree of jax.ShapeDtypeStruct}` of a t5x checkpoint (msgpack only)."""
   checkpoint = T5xCheckpoint(directory)
-  return _tree({name: checkpoint.shape_dtype(name) for name in checkpoint.names()})
+  return checkpoints.unflatten({name: checkpoint.shape_dtype(name) for name in checkpoint.names()})
 
 
 def restore_params(directory: str, target: Optional[Any] = None, *,
@@ -373,8 +353,8 @@ def restore_params(directory: str, target: Optional[Any] = None, *,
   checkpoint = T5xCheckpoint(directory)
   names = checkpoint.names()
   if target is None:
-    return _tree({name: checkpoint.read(name).astype(np.float32) for name in names})
-  wanted = _flat(target)
+    return checkpoints.unflatten({name: checkpoint.read(name).astype(np.float32) for name in names})
+  wanted = checkpoints.flatten(target)
   missing = sorted(set(wanted) - set(names))
   if missing:
     raise ValueError(
@@ -398,7 +378,7 @@ def restore_params(directory: str, target: Optional[Any] = None, *,
       out[name] = jax.make_array_from_callback(
           tuple(want.shape), sharding,
           lambda index, name=name, dtype=dtype: checkpoint.read(name, index).astype(dtype))
-  return _tree(out)
+  return checkpoints.unflatten(out)
 
 
 # ---------------------------------------------------------------------------
@@ -469,4 +449,4 @@ def convert(checkpoint_dir: str, out_dir: str, gin_files, *, gin_bindings=(),
   saved = os.path.join(out_dir, checkpoints.CONVERTED_SUBDIR)
   checkpoints.save_params(params, saved)
   return {"checkpoint_dir": saved, "gin_file": gin_file, "step": checkpoint.step,
-          "num_parameters": sum(int(np.prod(v.shape)) for v in _flat(params).values())}
+          "num_parameters": sum(int(np.prod(v.shape)) for v in checkpoints.flatten(params).values())}

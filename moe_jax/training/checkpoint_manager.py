@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moe_jax import checkpoints
+from moe_jax import paths
 from moe_jax.training import trainer as trainer_lib
 
 PyTree = Any
@@ -57,7 +58,7 @@ class CheckpointManager:
                dataset_args: Optional[Callable[[Any], Any]] = None):
     if period < 1:
       raise ValueError(f"The checkpoint period must be >= 1 step, got {period}.")
-    self.model_dir = os.path.abspath(model_dir)
+    self.model_dir = paths.absolute(model_dir)
     handlers = {checkpoints.PARAMS_ITEM: ocp.StandardCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
                 META_ITEM: ocp.JsonCheckpointHandler()}
@@ -124,21 +125,6 @@ class CheckpointManager:
 # ---------------------------------------------------------------------------
 
 
-def _flat(tree: PyTree) -> Dict[str, Any]:
-  return checkpoints.flatten(tree)
-
-
-def _unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
 def _dense_source(path: str) -> Optional[str]:
   """`.../mlp/expert/wi_0` -> `.../mlp/wi_0`: the dense FFN an expert copies."""
   if "/expert/" not in path:
@@ -171,10 +157,10 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
       (missing, or of another shape), i.e. another architecture.
   """
   directory, _ = checkpoints.find_checkpoint(path)
-  stored = _flat(checkpoints.stored_params(path))
+  stored = checkpoints.flatten(checkpoints.stored_params(path))
   patterns = [re.compile(p) for p in reinitialize]
   fresh = trainer.init_state(rng)
-  model_params = _flat(trainer.placement.abstract_params)
+  model_params = checkpoints.flatten(trainer.placement.abstract_params)
 
   # Which stored tensor feeds each parameter, checked before anything is read.
   sources: Dict[str, str] = {}
@@ -199,20 +185,20 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
     sources[name] = source
 
   # Read just those tensors: same-shape ones straight into their shards.
-  shardings = _flat(trainer.state_shardings.params)
+  shardings = checkpoints.flatten(trainer.state_shardings.params)
   target = {}
   for name, source in sources.items():
     info = model_params[name]
     sharding = shardings[name] if source == name else None
     shape = info.shape if source == name else info.shape[1:]
     target[source] = jax.ShapeDtypeStruct(shape, info.dtype, sharding=sharding)
-  loaded = _flat(checkpoints.restore_params(path, _unflatten(target), partial=True))
+  loaded = checkpoints.flatten(checkpoints.restore_params(path, checkpoints.unflatten(target), partial=True))
 
-  params = _flat(fresh.params)
+  params = checkpoints.flatten(fresh.params)
   for name, source in sources.items():
     value = loaded[source]
     if source != name:  # Upcycled: one copy per expert.
       value = np.broadcast_to(np.asarray(value)[None], model_params[name].shape)
     params[name] = value
-  state = trainer.state_from_params(_unflatten(params), step=checkpoints.step_of(directory))
+  state = trainer.state_from_params(checkpoints.unflatten(params), step=checkpoints.step_of(directory))
   return state

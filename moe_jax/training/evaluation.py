@@ -21,10 +21,12 @@ from jax.experimental import multihost_utils
 import numpy as np
 import seqio
 import tensorflow as tf
+from etils import epath
 
 from moe_jax import checkpoints
 from moe_jax import inputs
 from moe_jax import partitioning
+from moe_jax import paths
 from moe_jax.training import metrics as metrics_lib
 from moe_jax.training import trainer as trainer_lib
 
@@ -206,9 +208,9 @@ class Evaluation:
              "mixtures": mixture_average(tasks, self.mixtures)}
     path = os.path.join(self.model_dir, RESULTS_FILE)
     history = []
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        history = [e for e in json.load(f)["evaluations"] if e["step"] != step]
+    if epath.Path(path).exists():
+      history = [e for e in json.loads(epath.Path(path).read_text())["evaluations"]
+                 if e["step"] != step]
     metrics_lib.write_json(path, {"evaluations": history + [entry], "latest": entry})
     return entry
 
@@ -228,7 +230,7 @@ def load_params(placement: Any, checkpoint_path: str) -> PyTree:
 
 def default_output_dir(checkpoint_path: str) -> str:
   """A run's MODEL_DIR for its checkpoints, else the checkpoint directory itself."""
-  path = os.path.abspath(checkpoint_path)
+  path = paths.absolute(checkpoint_path).rstrip("/")
   if checkpoints.latest_step(path) is not None:
     return path
   parent = os.path.dirname(path)

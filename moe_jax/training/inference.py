@@ -17,22 +17,17 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import seqio
+from etils import epath
 
 from moe_jax import inputs
 from moe_jax import partitioning
+from moe_jax import paths
 from moe_jax.training import evaluation
 from moe_jax.training import trainer as trainer_lib
 
 
-def _write_jsonl(path: str, rows) -> int:
-  tmp = f"{path}.tmp"
-  count = 0
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-      count += 1
-  os.replace(tmp, path)
-  return count
+def _write_jsonl(path: str, rows) -> None:
+  paths.write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_raw_inputs(path: str, vocabulary: Any, max_length: int
@@ -42,13 +37,13 @@ def read_raw_inputs(path: str, vocabulary: Any, max_length: int
   Raises:
     ValueError: naming the line of a malformed example.
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"Input file {path!r} does not exist.")
   if vocabulary is None:
     raise ValueError("The model has no input vocabulary to tokenize the file with; bind "
                      "VOCABULARY in the model gin.")
   examples = []
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open() as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -105,7 +100,6 @@ def infer(*, model: Any, checkpoint_path: str, output_dir: str,
   functions = evaluation.ModelFunctions(
       model, params, batch_size, lengths, lambda batch: inputs.to_global_arrays(batch, mesh, whole_batch=True),
       placement.context)
-  os.makedirs(output_dir, exist_ok=True)
   written = []
   if input_file is not None:
     examples = read_raw_inputs(input_file, model.input_vocabulary, lengths["encoder_input_tokens"])

@@ -31,6 +31,7 @@ import numpy as np
 from moe_jax import describe
 from moe_jax import inputs
 from moe_jax import partitioning
+from moe_jax import paths
 from moe_jax.training import checkpoint_manager
 from moe_jax.training import evaluation
 from moe_jax.training import metrics as metrics_lib
@@ -336,10 +337,11 @@ def train(
   if primary:
     print(("Preempted (SIGTERM) at" if preemption.requested else "Done at") + f" step {step}.")
     print(f"  checkpoint:   {checkpoint_dir}")
-    print(f"  metrics:      {log.jsonl_path}")
-    print(f"  TensorBoard:  tensorboard --logdir {os.path.abspath(model_dir)}")
+    shown_dir = paths.absolute(model_dir)
+    print(f"  metrics:      {os.path.join(shown_dir, metrics_lib.METRICS_FILE)}")
+    print(f"  TensorBoard:  tensorboard --logdir {shown_dir}")
     if eval_results:
-      print(f"  eval results: {os.path.join(os.path.abspath(model_dir), evaluation.RESULTS_FILE)}")
+      print(f"  eval results: {os.path.join(shown_dir, evaluation.RESULTS_FILE)}")
     sys.stdout.flush()
   return RunSummary(step=step, model_dir=model_dir, checkpoint_dir=checkpoint_dir,
                     preempted=preemption.requested, last_metrics=last_metrics,

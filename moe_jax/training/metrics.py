@@ -23,6 +23,9 @@ from typing import IO, Any, Dict, Mapping, Optional
 
 import numpy as np
 from clu import metric_writers
+from etils import epath
+
+from moe_jax import paths
 
 METRICS_FILE = "train_metrics.jsonl"
 TENSORBOARD_SUBDIR = "train"
@@ -71,8 +74,8 @@ class MetricsLogger:
     self._writer = None
     self._start: Optional[tuple] = None  # (wall time, step) of the first log
     if primary:
-      os.makedirs(model_dir, exist_ok=True)
-      self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a", encoding="utf-8")
+      epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = epath.Path(self.jsonl_path).open("a")
       self._writer = metric_writers.AsyncWriter(
           metric_writers.SummaryWriter(os.path.join(model_dir, TENSORBOARD_SUBDIR)))
 
@@ -129,8 +132,5 @@ class MetricsLogger:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-  """Writes JSON atomically (temporary file, then rename)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes JSON atomically (temporary file, then rename), locally or on gs://."""
+  paths.write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True))

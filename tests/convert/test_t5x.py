@@ -224,14 +224,7 @@ def _rewrite_target(directory, rename, extra=None):
   for name, value in (extra or {}).items():  # inline, as flax packs small arrays
     flat[name] = msgpack.ExtType(1, msgpack.packb(
         (list(value.shape), value.dtype.name, value.tobytes()), use_bin_type=True))
-  tree = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  contents["optimizer"]["target"] = tree
+  contents["optimizer"]["target"] = checkpoints.unflatten(flat)
   with open(path, "wb") as f:
     f.write(msgpack.packb(contents, use_bin_type=True))
 

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from moe_jax import checkpoints
 from moe_jax.training import optimizers
 
 # ---------------------------------------------------------------------------
@@ -39,31 +40,12 @@ SCANNED_SPECS = {
 DENSE_SPECS = {k: v for k, v in MOE_SPECS.items() if "/router/" not in k and "/expert/" not in k}
 
 
-def _unflatten(flat):
-  tree = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
-
-
-def _flat(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    out.update(_flat(value, path) if isinstance(value, dict) else {path: value})
-  return out
-
-
 def _tree(specs, seed=0):
   """(params, names): params ~ N(0, 0.1^2) float32, names as tuples."""
   rng = np.random.default_rng(seed)
   params = {p: jnp.asarray(rng.normal(0, 0.1, shape), jnp.float32)
             for p, (shape, _) in specs.items()}
-  return _unflatten(params), _unflatten({p: axes for p, (_, axes) in specs.items()})
+  return checkpoints.unflatten(params), checkpoints.unflatten({p: axes for p, (_, axes) in specs.items()})
 
 
 def _grads(params, step):
@@ -242,8 +224,8 @@ def test_plain_kernels_match_optax_adafactor_exactly(ours, theirs, learning_rate
   got, _ = _run(tx, params, steps=4)
   want, _ = _run(reference, params, steps=4)
   for step, (g, w) in enumerate(zip(got, want)):
-    for path in _flat(g):
-      np.testing.assert_array_equal(_bits(_flat(g)[path]), _bits(_flat(w)[path]),
+    for path in checkpoints.flatten(g):
+      np.testing.assert_array_equal(_bits(checkpoints.flatten(g)[path]), _bits(checkpoints.flatten(w)[path]),
                                     err_msg=f"{path} step {step}")
 
 
@@ -262,11 +244,11 @@ def test_state_layout_with_default_factoring():
       "router/w": ((128, 8), ("embed", "unmodeled")),
       "norm/scale": ((128,), ("embed",)),
   }
-  params = _unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, (s, _) in specs.items()})
-  names = _unflatten({p: a for p, (_, a) in specs.items()})
+  params = checkpoints.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, (s, _) in specs.items()})
+  names = checkpoints.unflatten({p: a for p, (_, a) in specs.items()})
   state = jax.eval_shape(optimizers.adafactor(1e-3, momentum=0.9)(names).init, params)
   (factored,) = [s for s in state if isinstance(s, optimizers.FactoredRmsState)]
-  v_row, v_col, v = (_flat_or_none(tree) for tree in factored[1:])
+  v_row, v_col, v = (checkpoints.flatten(tree) for tree in factored[1:])
   shapes = {p: tuple(None if m[p] is None else m[p].shape for m in (v_row, v_col, v))
             for p in specs}
   assert shapes == {
@@ -279,17 +261,8 @@ def test_state_layout_with_default_factoring():
       "norm/scale": (None, None, (128,)),
   }
   (momentum,) = [s for s in state if isinstance(s, optax.EmaState)]
-  assert {p: t.shape for p, t in _flat(momentum.ema).items()} == {
+  assert {p: t.shape for p, t in checkpoints.flatten(momentum.ema).items()} == {
       p: s for p, (s, _) in specs.items()}
-
-
-def _flat_or_none(tree, prefix=""):
-  """Like `_flat`, keeping None entries."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else key
-    out.update(_flat_or_none(value, path) if isinstance(value, dict) else {path: value})
-  return out
 
 
 def test_factor_rule_errors():
@@ -426,7 +399,7 @@ def test_frozen_groups_are_bit_identical_and_stateless(factory, specs, freeze):
   for step in range(3):
     new_params, state = train_step(new_params, state, step)
 
-  before, after = _flat(params), _flat(new_params)
+  before, after = checkpoints.flatten(params), checkpoints.flatten(new_params)
   for path in specs:
     if path in frozen:
       np.testing.assert_array_equal(_bits(after[path]), _bits(before[path]), err_msg=path)
@@ -494,11 +467,11 @@ def test_adamw_with_freezing_matches_optax_adamw_on_trainable_params():
   got, _ = _run(tx, params, steps=3)
   want, _ = _run(optax.adamw(1e-2, weight_decay=1e-2), params, steps=3)
   for g, w in zip(got, want):
-    for path, update in _flat(g).items():
+    for path, update in checkpoints.flatten(g).items():
       if "/expert/" in path:
         assert not np.any(update)
       else:
-        np.testing.assert_array_equal(_bits(update), _bits(_flat(w)[path]), err_msg=path)
+        np.testing.assert_array_equal(_bits(update), _bits(checkpoints.flatten(w)[path]), err_msg=path)
 
 
 # ---------------------------------------------------------------------------
@@ -516,11 +489,11 @@ def test_global_norm_clipping_bounds_the_update(grad_scale, clipped):
   # A huge frozen gradient must not take part in the trainable norm.
   grads["encoder"]["layers_1"]["mlp"]["router"]["w"] *= 1e6
   updates, _ = tx.update(grads, tx.init(params), params)
-  trainable = {p: g for p, g in _flat(grads).items() if "/router/" not in p}
+  trainable = {p: g for p, g in checkpoints.flatten(grads).items() if "/router/" not in p}
   norm = math.sqrt(sum(float(jnp.sum(g ** 2)) for g in trainable.values()))
   factor = 1.0 / norm if clipped else 1.0
   for path, g in trainable.items():
-    np.testing.assert_allclose(_flat(updates)[path], -g * factor, rtol=1e-5, err_msg=path)
-  trainable_norm = optax.tree.norm({p: _flat(updates)[p] for p in trainable})
+    np.testing.assert_allclose(checkpoints.flatten(updates)[path], -g * factor, rtol=1e-5, err_msg=path)
+  trainable_norm = optax.tree.norm({p: checkpoints.flatten(updates)[p] for p in trainable})
   assert trainable_norm <= 1.0 + 1e-5
-  assert not np.any(_flat(updates)["encoder/layers_1/mlp/router/w"])
+  assert not np.any(checkpoints.flatten(updates)["encoder/layers_1/mlp/router/w"])
