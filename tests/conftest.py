@@ -1,4 +1,5 @@
-"""Test session setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test session setup: 8 fake CPU devices, set before jax is imported anywhere;
+the `fake_bucket` fixture."""
 
 import os
 
@@ -10,3 +11,31 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # timings, tests must not pay for measurements or write the user's cache.
 # Subprocesses inherit it.
 os.environ.setdefault("MOE_JAX_TUNING", "static")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils.epath import gpath  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_BUCKET = "gs://bucket/"
+_FUNCTIONS = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open",
+              "remove", "rename", "replace", "rmtree", "stat", "walk")
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+  """`gs://bucket/<p>` is `tmp_path/<p>` for epath (Cloud Storage is out of
+  reach in tests); yields tmp_path. Any other bucket fails the test."""
+  def local(value):
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith(_BUCKET):
+      return str(tmp_path / os.fspath(value)[len(_BUCKET):])
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value).startswith("gs://"):
+      raise AssertionError(f"unexpected bucket in {value}")
+    return value
+
+  def redirect(original, *args, **kwargs):
+    return original(*map(local, args), **kwargs)
+
+  # With TensorFlow installed epath sends gs:// to TensorFlow, past its own mock.
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  with epath_testing.mock_epath(**{name: redirect for name in _FUNCTIONS}):
+    yield tmp_path

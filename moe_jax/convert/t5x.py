@@ -51,8 +51,10 @@ import ml_dtypes
 import msgpack
 import numpy as np
 import tensorstore as ts
+from etils import epath
 
 from moe_jax import checkpoints
+from moe_jax import paths
 
 CHECKPOINT_FILE = "checkpoint"
 ORBAX_STATE_ITEM = "state"
@@ -77,10 +79,10 @@ def canonical_name(name: str) -> str:
 
 
 def _is_msgpack_checkpoint(directory: str) -> bool:
-  path = os.path.join(directory, CHECKPOINT_FILE)
-  if not os.path.isfile(path):
+  path = epath.Path(directory) / CHECKPOINT_FILE
+  if not path.is_file():
     return False
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     head = f.read(64)
   # A msgpack map (fixmap / map16 / map32) with t5x's keys; not, e.g., TF's
   # text `checkpoint` index.
@@ -90,10 +92,10 @@ def _is_msgpack_checkpoint(directory: str) -> bool:
 
 def _orbax_state_dir(directory: str) -> Optional[str]:
   """t5x's orbax format (`train.use_orbax`, t5x's default): `state/` holds the train state."""
-  state = os.path.join(directory, ORBAX_STATE_ITEM)
-  if os.path.isdir(state) and any(os.path.exists(os.path.join(state, marker))
-                                  for marker in ("_METADATA", "manifest.ocdbt")):
-    return state
+  state = epath.Path(directory) / ORBAX_STATE_ITEM
+  if state.is_dir() and any((state / marker).exists()
+                            for marker in ("_METADATA", "manifest.ocdbt")):
+    return str(state)
   return None
 
 
@@ -162,6 +164,17 @@ class _OrbaxLeaf:
   dtype: np.dtype
 
 
+def array_kvstore(directory: str, path: str) -> Dict[str, str]:
+  """The tensorstore kvstore of array `path` (relative to the step `directory`):
+  a local file, or a Cloud Storage object when `directory` is `gs://bucket/...`."""
+  if directory.startswith("gs://"):
+    bucket, _, prefix = directory[len("gs://"):].partition("/")
+    return {"driver": "gcs", "bucket": bucket,
+            "path": "/".join(part for part in (prefix.rstrip("/"), path) if part)}
+  return {"driver": "file",
+          "path": path if os.path.isabs(path) else os.path.join(directory, path)}
+
+
 class T5xCheckpoint:
   """The parameters (`target`) of one t5x step directory, read lazily.
 
@@ -171,7 +184,7 @@ class T5xCheckpoint:
   """
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory).rstrip("/")
     if not is_t5x_checkpoint(self.directory):
       raise FileNotFoundError(
           f"{self.directory!r} is not a t5x checkpoint: expected a msgpack "
@@ -186,9 +199,8 @@ class T5xCheckpoint:
       state = {TARGET: self._orbax_metadata()}
     else:
       path = os.path.join(self.directory, CHECKPOINT_FILE)
-      with open(path, "rb") as f:
-        contents = msgpack.unpackb(f.read(), ext_hook=_ext_hook, raw=False,
-                                   strict_map_key=False)
+      contents = msgpack.unpackb(epath.Path(path).read_bytes(), ext_hook=_ext_hook,
+                                 raw=False, strict_map_key=False)
       # Versions >= 1 wrap the optimizer state; version 0 is the state itself.
       state = contents.get("optimizer", contents) if "version" in contents else contents
       if not isinstance(state, dict) or TARGET not in state:
@@ -283,10 +295,8 @@ class T5xCheckpoint:
     if "path" in spec and "path" not in kvstore:  # tensorstore < 0.1.14
       kvstore["path"] = spec.pop("path")
     # t5x writes paths relative to the step directory (a checkpoint saved to
-    # GCS also names a dummy bucket): read them from this local directory.
-    path = str(kvstore.get("path", ""))
-    spec["kvstore"] = {"driver": "file",
-                       "path": path if os.path.isabs(path) else os.path.join(self.directory, path)}
+    # GCS also names a dummy bucket): read them from this directory.
+    spec["kvstore"] = array_kvstore(self.directory, str(kvstore.get("path", "")))
     metadata = dict(spec.get("metadata") or {})
     # The chunking and compressor of the write are not constraints on a read.
     metadata.pop("chunks", None)

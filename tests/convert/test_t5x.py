@@ -328,3 +328,26 @@ def test_t5x_orbax_format(tmp_path):
   saved = _t5x_logits("t5x_t5")
   ours = _logits(_model("t5x_t5"), params, saved)
   assert np.max(np.abs(ours - saved["logits"])) <= 1e-6 * np.max(np.abs(saved["logits"]))
+
+
+@pytest.mark.parametrize("directory, path, expected", [
+    ("gs://bucket/run/checkpoint_2", "target.encoder.x",
+     {"driver": "gcs", "bucket": "bucket", "path": "run/checkpoint_2/target.encoder.x"}),
+    ("gs://bucket", "target.x", {"driver": "gcs", "bucket": "bucket", "path": "target.x"}),
+    ("/ckpt/checkpoint_2", "target.x", {"driver": "file", "path": "/ckpt/checkpoint_2/target.x"}),
+])
+def test_array_kvstore(directory, path, expected):
+  assert t5x.array_kvstore(directory, path) == expected
+
+
+def test_checkpoint_on_gs_is_found_and_its_index_read(fake_bucket):
+  shutil.copytree(_step_dir("t5x_t5"), fake_bucket / "t5x" / f"checkpoint_{STEP}")
+  gs_dir = f"gs://bucket/t5x/checkpoint_{STEP}"
+  assert checkpoints.find_checkpoint("gs://bucket/t5x") == (gs_dir, True)
+  remote, local = t5x.T5xCheckpoint(gs_dir), t5x.T5xCheckpoint(_step_dir("t5x_t5"))
+  assert remote.step == local.step == STEP
+  assert remote.names() == local.names()
+  assert all(remote.shape_dtype(n) == local.shape_dtype(n) for n in local.names())
+  # The arrays themselves are Cloud Storage objects for tensorstore's gcs driver.
+  name = local.names()[0]
+  assert remote._spec(remote._entries[name])["kvstore"]["driver"] == "gcs"  # pylint: disable=protected-access
