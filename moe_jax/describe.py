@@ -232,10 +232,6 @@ def _local_shape(name: str, shape, axes, dim_mesh_axes, mesh: Dict[str, int]) ->
   return tuple(local)
 
 
-def _sharded_shape(name: str, shape, axes, mesh: Dict[str, int], rules) -> Tuple[int, ...]:
-  return _local_shape(name, shape, axes, _mesh_axes(axes, rules), mesh)
-
-
 def _param_specs(variables, rules) -> List[Tuple[str, Tuple[int, ...], Tuple[str, ...], Any]]:
   """(name, shape, logical axes, mesh axes per dimension) of every parameter."""
   axes = {k[:-1] + (k[-1][:-len("_axes")],): v.names

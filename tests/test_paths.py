@@ -33,7 +33,8 @@ def test_json_written_atomically_on_gs(fake_bucket):
 
 
 def test_predictions_written_on_gs(fake_bucket):
-  inference._write_jsonl(BUCKET + "out/x.jsonl", [{"a": 1}, {"a": 2}])  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  inference._write_jsonl(BUCKET + "out/x.jsonl", [{"a": 1}, {"a": 2}])
   assert (fake_bucket / "out" / "x.jsonl").read_text() == '{"a": 1}\n{"a": 2}\n'
 
 

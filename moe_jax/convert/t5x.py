@@ -235,20 +235,23 @@ class T5xCheckpoint:
     if TARGET not in tree:
       raise ValueError(f"The t5x checkpoint {self._orbax!r} has no {TARGET!r} (parameters); "
                        f"found {sorted(tree)}.")
-    return checkpoints.unflatten({name: _OrbaxLeaf(name, tuple(leaf.shape), np.dtype(leaf.dtype))
-                  for name, leaf in checkpoints.flatten(tree[TARGET]).items()})
+    return checkpoints.unflatten({
+        name: _OrbaxLeaf(name, tuple(leaf.shape), np.dtype(leaf.dtype))
+        for name, leaf in checkpoints.flatten(tree[TARGET]).items()})
 
   def _orbax_read(self, name: str) -> np.ndarray:
     """One `target` array of t5x's orbax item (all of them are read, once)."""
     if self._orbax_values is None:
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
       leaves = checkpoints.flatten(self._orbax_metadata())
-      item = {TARGET: checkpoints.unflatten({n: np.zeros((), leaf.dtype) for n, leaf in leaves.items()})}
+      item = {TARGET: checkpoints.unflatten(
+          {n: np.zeros((), leaf.dtype) for n, leaf in leaves.items()})}
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
       with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(self._orbax, args=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True))
-      self._orbax_values = {n: np.asarray(v) for n, v in checkpoints.flatten(restored[TARGET]).items()}
+      self._orbax_values = {
+          n: np.asarray(v) for n, v in checkpoints.flatten(restored[TARGET]).items()}
     return self._orbax_values[name]
 
   def _stored_shape(self, value: Any) -> Tuple[Tuple[int, ...], np.dtype]:
@@ -459,4 +462,5 @@ def convert(checkpoint_dir: str, out_dir: str, gin_files, *, gin_bindings=(),
   saved = os.path.join(out_dir, checkpoints.CONVERTED_SUBDIR)
   checkpoints.save_params(params, saved)
   return {"checkpoint_dir": saved, "gin_file": gin_file, "step": checkpoint.step,
-          "num_parameters": sum(int(np.prod(v.shape)) for v in checkpoints.flatten(params).values())}
+          "num_parameters": sum(int(np.prod(v.shape))
+                                for v in checkpoints.flatten(params).values())}

@@ -192,7 +192,8 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
     sharding = shardings[name] if source == name else None
     shape = info.shape if source == name else info.shape[1:]
     target[source] = jax.ShapeDtypeStruct(shape, info.dtype, sharding=sharding)
-  loaded = checkpoints.flatten(checkpoints.restore_params(path, checkpoints.unflatten(target), partial=True))
+  loaded = checkpoints.flatten(
+      checkpoints.restore_params(path, checkpoints.unflatten(target), partial=True))
 
   params = checkpoints.flatten(fresh.params)
   for name, source in sources.items():
@@ -200,5 +201,6 @@ def initial_state(trainer: trainer_lib.Trainer, path: str, rng: jax.Array, *,
     if source != name:  # Upcycled: one copy per expert.
       value = np.broadcast_to(np.asarray(value)[None], model_params[name].shape)
     params[name] = value
-  state = trainer.state_from_params(checkpoints.unflatten(params), step=checkpoints.step_of(directory))
+  state = trainer.state_from_params(checkpoints.unflatten(params),
+                                    step=checkpoints.step_of(directory))
   return state

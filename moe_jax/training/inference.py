@@ -98,7 +98,8 @@ def infer(*, model: Any, checkpoint_path: str, output_dir: str,
       {name: (batch_size, length) for name, length in lengths.items()})
   params = evaluation.load_params(placement, checkpoint_path)
   functions = evaluation.ModelFunctions(
-      model, params, batch_size, lengths, lambda batch: inputs.to_global_arrays(batch, mesh, whole_batch=True),
+      model, params, batch_size, lengths,
+      lambda batch: inputs.to_global_arrays(batch, mesh, whole_batch=True),
       placement.context)
   written = []
   if input_file is not None:

@@ -83,10 +83,6 @@ class MetricsLogger:
   def jsonl_path(self) -> str:
     return os.path.join(self.model_dir, METRICS_FILE)
 
-  @property
-  def tensorboard_dir(self) -> str:
-    return os.path.join(self.model_dir, TENSORBOARD_SUBDIR)
-
   def log(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes one step's metrics (see the module docstring for the names)."""
     if not self._primary:

@@ -350,4 +350,5 @@ def test_checkpoint_on_gs_is_found_and_its_index_read(fake_bucket):
   assert all(remote.shape_dtype(n) == local.shape_dtype(n) for n in local.names())
   # The arrays themselves are Cloud Storage objects for tensorstore's gcs driver.
   name = local.names()[0]
-  assert remote._spec(remote._entries[name])["kvstore"]["driver"] == "gcs"  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  assert remote._spec(remote._entries[name])["kvstore"]["driver"] == "gcs"

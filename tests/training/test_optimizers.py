@@ -45,7 +45,8 @@ def _tree(specs, seed=0):
   rng = np.random.default_rng(seed)
   params = {p: jnp.asarray(rng.normal(0, 0.1, shape), jnp.float32)
             for p, (shape, _) in specs.items()}
-  return checkpoints.unflatten(params), checkpoints.unflatten({p: axes for p, (_, axes) in specs.items()})
+  return (checkpoints.unflatten(params),
+          checkpoints.unflatten({p: axes for p, (_, axes) in specs.items()}))
 
 
 def _grads(params, step):
@@ -225,7 +226,8 @@ def test_plain_kernels_match_optax_adafactor_exactly(ours, theirs, learning_rate
   want, _ = _run(reference, params, steps=4)
   for step, (g, w) in enumerate(zip(got, want)):
     for path in checkpoints.flatten(g):
-      np.testing.assert_array_equal(_bits(checkpoints.flatten(g)[path]), _bits(checkpoints.flatten(w)[path]),
+      np.testing.assert_array_equal(_bits(checkpoints.flatten(g)[path]),
+                                    _bits(checkpoints.flatten(w)[path]),
                                     err_msg=f"{path} step {step}")
 
 
@@ -244,7 +246,8 @@ def test_state_layout_with_default_factoring():
       "router/w": ((128, 8), ("embed", "unmodeled")),
       "norm/scale": ((128,), ("embed",)),
   }
-  params = checkpoints.unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, (s, _) in specs.items()})
+  params = checkpoints.unflatten(
+      {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, (s, _) in specs.items()})
   names = checkpoints.unflatten({p: a for p, (_, a) in specs.items()})
   state = jax.eval_shape(optimizers.adafactor(1e-3, momentum=0.9)(names).init, params)
   (factored,) = [s for s in state if isinstance(s, optimizers.FactoredRmsState)]
@@ -471,7 +474,8 @@ def test_adamw_with_freezing_matches_optax_adamw_on_trainable_params():
       if "/expert/" in path:
         assert not np.any(update)
       else:
-        np.testing.assert_array_equal(_bits(update), _bits(checkpoints.flatten(w)[path]), err_msg=path)
+        np.testing.assert_array_equal(_bits(update), _bits(checkpoints.flatten(w)[path]),
+                                      err_msg=path)
 
 
 # ---------------------------------------------------------------------------
@@ -493,7 +497,8 @@ def test_global_norm_clipping_bounds_the_update(grad_scale, clipped):
   norm = math.sqrt(sum(float(jnp.sum(g ** 2)) for g in trainable.values()))
   factor = 1.0 / norm if clipped else 1.0
   for path, g in trainable.items():
-    np.testing.assert_allclose(checkpoints.flatten(updates)[path], -g * factor, rtol=1e-5, err_msg=path)
+    np.testing.assert_allclose(checkpoints.flatten(updates)[path], -g * factor, rtol=1e-5,
+                               err_msg=path)
   trainable_norm = optax.tree.norm({p: checkpoints.flatten(updates)[p] for p in trainable})
   assert trainable_norm <= 1.0 + 1e-5
   assert not np.any(checkpoints.flatten(updates)["encoder/layers_1/mlp/router/w"])
