@@ -16,9 +16,12 @@ setuptools.setup(
     packages=(
         setuptools.find_packages(include=["moe_jax", "moe_jax.*"])
         + ["moe_jax_tasks"]
+        # Namespace packages too: the sample data's directories are packages of
+        # data files for setuptools (listed, they install without warnings).
         + [
             "moe_jax_tasks." + p
-            for p in setuptools.find_packages(where="tasks")
+            for p in setuptools.find_namespace_packages(where="tasks")
+            if "__pycache__" not in p
         ]
     ),
     package_dir={"moe_jax_tasks": "tasks"},
