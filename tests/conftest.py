@@ -16,6 +16,15 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils.epath import gpath  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The longest tests (whole training runs in subprocesses) start first, so that
+# `-n 2` does not end with one worker busy on one of them and the other idle.
+_LONGEST_FIRST = ("tests/training/", "tests/benchmarks/", "tests/test_report.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: not item.nodeid.startswith(_LONGEST_FIRST))
+
+
 _BUCKET = "gs://bucket/"
 _FUNCTIONS = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open",
               "remove", "rename", "replace", "rmtree", "stat", "walk")
