@@ -50,7 +50,8 @@ setuptools.setup(
         "scipy-openblas32>=0.3.27",  # BLAS of the CPU grouped-matmul kernels.
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # filelock: the locks of jax's compilation cache, which tests/conftest.py turns on.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12"],
         "hf": ["torch==2.13.0", "transformers>=4.44,<6", "safetensors>=0.4"],
         "tpu": ["jax[tpu]>=0.5,<0.12"],
         "gpu": ["jax[cuda12]>=0.5,<0.12", "tokamax>=0.0.12"],

@@ -1,7 +1,9 @@
 """Test session setup: 8 fake CPU devices, set before jax is imported anywhere;
-the `fake_bucket` fixture."""
+a compilation cache for the session; the `fake_bucket` fixture."""
 
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -11,6 +13,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # timings, tests must not pay for measurements or write the user's cache.
 # Subprocesses inherit it.
 os.environ.setdefault("MOE_JAX_TUNING", "static")
+# Many tests compile the same programs (the driver tests compile the toy model's
+# init and train step, about 5 s each, in many runs and subprocesses): jax's
+# persistent compilation cache, one directory for the session, shared by the
+# xdist workers and subprocesses, which inherit the environment. jax keeps only
+# programs that took over a second to compile, so the directory stays small;
+# a size limit turns on jax's file locks, so no process reads an entry another
+# is still writing.
+_OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILATION_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_jax_test_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils.epath import gpath  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -23,6 +36,12 @@ _LONGEST_FIRST = ("tests/training/", "tests/benchmarks/", "tests/test_report.py"
 
 def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: not item.nodeid.startswith(_LONGEST_FIRST))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_COMPILATION_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 _BUCKET = "gs://bucket/"
