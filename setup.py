@@ -57,7 +57,7 @@ setuptools.setup(
         "gpu": ["jax[cuda12]>=0.5,<0.12", "tokamax>=0.0.12"],
         # lm-evaluation-harness adapter (moe_jax/lm_eval.py); torch pinned as in `hf`
         # so nothing pulls a CUDA build.
-        "lm_eval": ["lm-eval>=0.4.13,<0.5", "torch==2.13.0"],
+        "lm-eval": ["lm-eval>=0.4.13,<0.5", "torch==2.13.0"],
     },
     entry_points={
         # Harnesses that discover plugins find `--model moe_jax` without the wrapper.

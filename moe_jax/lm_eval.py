@@ -70,12 +70,23 @@ import os
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+# Checked first, so that the command line without the extra prints one line.
+MISSING_HARNESS = ("the lm-evaluation-harness is not installed; install the extra: "
+                   "pip install -e '.[lm-eval]' (or pip install 'lm-eval>=0.4.13,<0.5' "
+                   "'torch==2.13.0')")
+try:
+  from lm_eval.api.model import LM  # pylint: disable=g-import-not-at-top
+  from lm_eval.api.registry import register_model  # pylint: disable=g-import-not-at-top
+  from lm_eval import utils as lm_eval_utils  # pylint: disable=g-import-not-at-top
+except ImportError as error:
+  if __name__ == "__main__":  # The command line: one line, exit status 2.
+    print(f"python -m moe_jax.lm_eval: {MISSING_HARNESS}", file=sys.stderr)
+    sys.exit(2)
+  raise ImportError(MISSING_HARNESS) from error
+
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-from lm_eval import utils as lm_eval_utils
 import numpy as np
 from tqdm import tqdm
 

@@ -39,6 +39,22 @@ def test_anticipated_errors_are_one_line(args, message):
   assert message in lines[0] and lines[0].startswith("python -m moe_jax.")
 
 
+def test_lm_eval_without_the_harness_is_one_line(tmp_path):
+  # An `lm_eval` that cannot be imported stands in for the extra not installed.
+  (tmp_path / "lm_eval").mkdir()
+  (tmp_path / "lm_eval" / "__init__.py").write_text("raise ImportError('not installed')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(tmp_path), REPO, os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, "-m", "moe_jax.lm_eval", "--model", "moe_jax"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      "python -m moe_jax.lm_eval: the lm-evaluation-harness is not installed; install the "
+      "extra: pip install -e '.[lm-eval]' (or pip install 'lm-eval>=0.4.13,<0.5' "
+      "'torch==2.13.0')"]
+
+
 def test_debug_shows_the_traceback():
   result = _run("moe_jax.describe", "--gin_file", "nope.gin", "--debug")
   assert result.returncode == 1
