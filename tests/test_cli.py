@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("oneDNN custom operations", "cudart_stub", "absl::InitializeLog")
 
 
-def _run(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _run(*args, **environment):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **environment)
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
 
@@ -43,11 +43,8 @@ def test_lm_eval_without_the_harness_is_one_line(tmp_path):
   # An `lm_eval` that cannot be imported stands in for the extra not installed.
   (tmp_path / "lm_eval").mkdir()
   (tmp_path / "lm_eval" / "__init__.py").write_text("raise ImportError('not installed')\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(tmp_path), REPO, os.environ.get("PYTHONPATH", "")]))
-  result = subprocess.run([sys.executable, "-m", "moe_jax.lm_eval", "--model", "moe_jax"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+  result = _run("moe_jax.lm_eval", "--model", "moe_jax", PYTHONPATH=os.pathsep.join(
+      [str(tmp_path), REPO, os.environ.get("PYTHONPATH", "")]))
   assert result.returncode == 2, result.stderr
   assert result.stderr.splitlines() == [
       "python -m moe_jax.lm_eval: the lm-evaluation-harness is not installed; install the "
